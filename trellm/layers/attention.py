@@ -1,0 +1,114 @@
+"""Self-attention layer and the backend interface it attends through.
+
+The layer projects q/k/v, applies q/k norms and RoPE, and hands q/k/v to an
+`AttentionBackend`, which owns the KV cache: it stores this step's keys and values
+and attends over everything cached for each sequence. The simple contiguous cache
+(cache/contiguous.py) and the paged, batched cache of the generator implement the
+same two-method interface, so the model code does not change between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trellm.layers.linear import Linear
+from trellm.layers.norms import RMSNorm
+from trellm.layers.rope import apply_rope
+from trellm.quant.base import QuantMethod
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionParams:
+    """Per-layer attention settings a backend needs."""
+
+    scale: float  # softmax scale
+    window: int | None  # sliding window in tokens (query included), None = global
+    softcap: float | None  # logit soft-capping (Gemma 2), None = off
+
+
+class AttentionBackend(Protocol):
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
+    ) -> torch.Tensor:
+        """q [B, T, H, D], k/v [B, T, Hkv, D] of the tokens of this step -> output [B, T, H, D]."""
+        ...
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, params: AttentionParams
+) -> torch.Tensor:
+    """Reference attention with GQA, causal + sliding-window masking and soft-capping.
+
+    q [B, T, H, D] holds the queries at positions q_start .. q_start+T-1; k, v [B, S, Hkv, D]
+    hold the keys at positions 0 .. S-1 (S >= q_start + T). A query at position p sees
+    the keys at positions p - window < kp <= p. Returns [B, T, H, D]. Positions are
+    host integers, so choosing the mask never waits for the device.
+    """
+    t, s = q.shape[1], k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, len, D]
+    sees_all = q_start + t == s and t == 1 and (params.window is None or s <= params.window)
+    mask = None
+    if not sees_all:
+        q_pos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
+        k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+        mask = k_pos <= q_pos  # [T, S]
+        if params.window is not None:
+            mask &= k_pos > q_pos - params.window
+    if params.softcap is None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=params.scale, enable_gqa=True)
+        return out.transpose(1, 2)
+    groups = qh.shape[1] // kh.shape[1]
+    kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * params.scale  # [B, H, T, S]
+    scores = torch.tanh(scores / params.softcap) * params.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ vh).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        params: AttentionParams,
+        qk_norm: RMSNorm | None,
+        method: QuantMethod,
+        prefix: str,
+    ):
+        super().__init__()
+        self.layer_idx, self.params = layer_idx, params
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = Linear(hidden, num_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.q_proj")
+        self.k_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.k_proj")
+        self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.v_proj")
+        self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, method=method, name=f"{prefix}.o_proj")
+        self.q_norm = qk_norm
+        self.k_norm = None if qk_norm is None else RMSNorm(
+            head_dim, qk_norm.eps, offset=qk_norm.offset, weight_in_fp32=qk_norm.weight_in_fp32
+        )
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = backend.attend(self.layer_idx, q, k, v, self.params)  # [B, T, H, D]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

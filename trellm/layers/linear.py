@@ -1,0 +1,25 @@
+"""Linear: a named slot whose storage and matmul belong to a QuantMethod."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trellm.io.weights import WeightSource
+from trellm.quant.base import LinearImpl, QuantMethod
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, method: QuantMethod, name: str):
+        super().__init__()
+        self.in_features, self.out_features, self.name = in_features, out_features, name
+        self.impl: LinearImpl = method.create(in_features, out_features, bias)
+
+    def load(self, source: WeightSource, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.impl.load(source, self.name, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.impl(x)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.impl.dense_weight()

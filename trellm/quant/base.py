@@ -1,0 +1,48 @@
+"""The QuantMethod interface: how a Linear stores, loads and applies its weight.
+
+Model code never branches on the quantization format (ARCHITECTURE.md rule 2): a
+Linear asks its QuantMethod for an implementation module and calls it. Formats:
+`fp16` (plain 16/32-bit weights, this package) and `exl3` (trellis-coded, later).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from trellm.io.weights import WeightSource
+
+
+class LinearImpl(nn.Module, ABC):
+    """The weight storage and matmul of one Linear in some format. y = x @ W^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.has_bias = in_features, out_features, bias
+
+    @abstractmethod
+    def load(self, source: WeightSource, prefix: str, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Read this layer's tensors (names start with `prefix`, e.g. 'model.layers.0.mlp.up_proj')."""
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]."""
+
+    @abstractmethod
+    def dense_weight(self) -> torch.Tensor:
+        """The effective weight [out_features, in_features] (debugging, export, tests)."""
+
+    def describe(self) -> str:
+        """Short human description of the storage, for `trellm inspect`."""
+        return type(self).__name__
+
+
+class QuantMethod(ABC):
+    name: str
+
+    @abstractmethod
+    def create(self, in_features: int, out_features: int, bias: bool) -> LinearImpl: ...
