@@ -27,3 +27,87 @@ def real_model_path():
     from trellm.io.model_zoo import ensure_model
 
     return ensure_model
+
+
+# ---- tiny random models ---------------------------------------------------------------------------------
+# One seeded config per architecture and per feature worth covering. Sizes are deliberately
+# odd (hidden 72/80/88, not multiples of 64) and windows short, so prompts of a few dozen
+# tokens cross every sliding-window and RoPE-scaling boundary.
+_COMMON = dict(vocab_size=320, num_hidden_layers=3, max_position_embeddings=512, eos_token_id=None,
+               bos_token_id=None, pad_token_id=None)
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(hidden_size=72, intermediate_size=136, num_attention_heads=6,
+                                  num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama_tied_bias": ("LlamaConfig", dict(hidden_size=72, intermediate_size=136, num_attention_heads=6,
+                                            num_key_value_heads=3, tie_word_embeddings=True,
+                                            attention_bias=True, mlp_bias=True)),
+    "llama_rope_llama3": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, rope_theta=500000.0)),
+    "llama_rope_linear": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama_rope_yarn": ("LlamaConfig", dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
+    "mistral": ("MistralConfig", dict(hidden_size=80, intermediate_size=144, num_attention_heads=5,
+                                      num_key_value_heads=1, head_dim=16, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=88, intermediate_size=120, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=72, intermediate_size=136, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        hidden_size=80, intermediate_size=144, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        query_pre_attn_scalar=20, sliding_window=8, sliding_window_pattern=2, num_hidden_layers=4,
+        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "gemma3_softcap": ("Gemma3TextConfig", dict(
+        hidden_size=80, intermediate_size=144, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        sliding_window=6, attn_logit_softcapping=4.0, final_logit_softcapping=3.0, tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", dict(hidden_size=96, intermediate_size=160, num_attention_heads=6,
+                                num_key_value_heads=2, sliding_window=11)),
+    "phi3_longrope": ("Phi3Config", dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                      "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
+}
+
+
+def build_tiny_hf_model(kind: str, seed: int = 0):
+    """A seeded transformers model of the given TINY_CONFIGS kind, weights scaled so logits are spread."""
+    import transformers
+
+    cls_name, kwargs = TINY_CONFIGS[kind]
+    cfg = getattr(transformers, cls_name)(**{**_COMMON, **kwargs})
+    cfg._attn_implementation = "eager"  # the reference semantics (soft-capping included)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                base = 0.0 if cls_name.startswith("Gemma") else 1.0  # Gemma stores w for (1 + w)
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Return a function kind -> (path of the saved HF folder, the transformers model)."""
+    made: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in made:
+            model = build_tiny_hf_model(kind)
+            path = tmp_path_factory.mktemp(f"tiny-{kind}")
+            model.save_pretrained(path)
+            made[kind] = (path, model)
+        return made[kind]
+
+    return get

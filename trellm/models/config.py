@@ -154,6 +154,15 @@ class ModelConfig:
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
 
+    def rope_switch_length(self) -> int | None:
+        """Sequence length beyond which longrope uses its long factors (None without longrope).
+
+        Keys cached before the switch were rotated with the short factors; generation
+        recomputes the cache once when a sequence crosses this length, as Phi-3 does.
+        """
+        lengths = [r.original_max_position_embeddings for r in self.rope.values() if r.rope_type == "longrope"]
+        return min(lengths) if lengths else None
+
     def window(self, layer_idx: int) -> int | None:
         """Sliding window of a layer in tokens (a query sees itself and window-1 earlier keys), None = global."""
         return self.sliding_window if self.layer_types[layer_idx] == SLIDING else None

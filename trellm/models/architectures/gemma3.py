@@ -17,6 +17,9 @@ def _adapt(cfg: dict[str, Any], kw: dict[str, Any]) -> None:
         # Older configs give the pattern as an int: every n-th layer is global.
         n = int(cfg.get("sliding_window_pattern") or 6)
         kw["layer_types"] = [FULL if (i + 1) % n == 0 else SLIDING for i in range(kw["num_layers"])]
+    # Gemma 3 replaced attention soft-capping by q/k norms; the reference implementation ignores
+    # the key even when a config sets it, and so do we (final-logit soft-capping still applies).
+    kw["attn_logit_softcapping"] = None
     kw["attn_scale"] = float(cfg.get("query_pre_attn_scalar") or kw["head_dim"]) ** -0.5
     kw["hidden_act"] = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh")
     params = cfg.get("rope_parameters")
