@@ -1,0 +1,77 @@
+"""LLM: a loaded model with its tokenizer and defaults — the simplest way to generate text.
+
+    from trellm import LLM
+    llm = LLM("path/to/model")
+    print(llm.generate("The capital of France is", max_new_tokens=20))
+    for piece in llm.stream([{"role": "user", "content": "Hi!"}]):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
+from trellm.engine.sampling import SamplingParams
+from trellm.io.hf_folder import read_generation_config
+from trellm.io.tokenizer import IncrementalDetokenizer, Tokenizer
+from trellm.models.loader import load_model
+
+Prompt = str | list[dict[str, Any]]  # plain text, or chat messages
+
+
+class LLM:
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        self.path = Path(path)
+        self.model = load_model(self.path, device=device, dtype=dtype)
+        self.tokenizer = Tokenizer.from_folder(self.path)
+        self.config = self.model.config
+        self.generation_config = read_generation_config(self.path)
+        self.stop_token_ids = sorted(set(self.config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()))
+
+    def default_sampling(self) -> SamplingParams:
+        """The sampling the model's generation_config.json asks for; greedy if it does not ask to sample."""
+        g = self.generation_config
+        if not g.get("do_sample"):
+            return SamplingParams()
+        return SamplingParams(temperature=float(g.get("temperature", 1.0)), top_k=int(g.get("top_k") or 0),
+                              top_p=float(g.get("top_p") or 1.0))
+
+    def encode_prompt(self, prompt: Prompt, *, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a plain prompt (with the tokenizer's BOS rules) or of chat messages (through the template)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return self.tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, chat_template_kwargs=chat_template_kwargs
+        )
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 256, sampling: SamplingParams | None = None,
+               stats: GenerationStats | None = None, chat_template_kwargs: dict[str, Any] | None = None
+               ) -> Iterator[str]:
+        """Yield text pieces as they are generated (never a broken UTF-8 character); the stop token is not shown."""
+        request = GenerationRequest(
+            prompt_ids=self.encode_prompt(prompt, chat_template_kwargs=chat_template_kwargs),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling if sampling is not None else self.default_sampling(),
+            stop_token_ids=self.stop_token_ids,
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
+        stop = set(self.stop_token_ids)
+        for tok in generate_tokens(self.model, request, stats):
+            if tok in stop:
+                break
+            piece = detok.add(tok)
+            if piece:
+                yield piece
+        tail = detok.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> str:
+        return "".join(self.stream(prompt, **kwargs))
