@@ -1,0 +1,53 @@
+"""The simple generate path: stop tokens, limits, seeds and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
+from trellm.engine.sampling import SamplingParams
+from trellm.errors import GenerationError
+from trellm.models.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir("qwen2")[0], device="cpu")
+
+
+def test_stops_at_a_stop_token_and_reports_why(model):
+    free = list(generate_tokens(model, GenerationRequest([1, 2, 3], max_new_tokens=20)))
+    stop = free[5]
+    stats = GenerationStats()
+    out = list(generate_tokens(model, GenerationRequest([1, 2, 3], max_new_tokens=20, stop_token_ids=[stop]), stats))
+    assert out == free[: free.index(stop) + 1]
+    assert stats.finish_reason == "stop" and stats.completion_tokens == len(out) and stats.prompt_tokens == 3
+    stats = GenerationStats()
+    assert len(list(generate_tokens(model, GenerationRequest([1, 2, 3], max_new_tokens=7), stats))) == 7
+    assert stats.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    def run(seed):
+        req = GenerationRequest([5, 6], max_new_tokens=24, sampling=SamplingParams(temperature=1.5, seed=seed))
+        return list(generate_tokens(model, req))
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_generation_stops_at_the_context_length(model):
+    ctx = model.config.max_position_embeddings
+    out = list(generate_tokens(model, GenerationRequest([1] * (ctx - 3), max_new_tokens=50)))
+    assert len(out) == 3
+
+
+@pytest.mark.parametrize("req, words", [
+    (GenerationRequest([]), "empty"),
+    (GenerationRequest([1] * 512), "context"),
+    (GenerationRequest([1, 99999]), "outside the vocabulary"),
+    (GenerationRequest([1], max_new_tokens=0), "max_new_tokens"),
+])
+def test_bad_requests(model, req, words):
+    with pytest.raises(GenerationError, match=words):
+        list(generate_tokens(model, req))
