@@ -187,46 +187,81 @@ _PIPELINES: dict[str, _Pipeline] = {
     "LlamaTokenizer": _Pipeline(_configure_llama, {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}),
 }
 
-# model_type -> tokenizer class, for folders whose tokenizer_config names no class
-# (transformers' TOKENIZER_MAPPING_NAMES, restricted to the classes mirrored above).
-_CLASS_FOR_MODEL_TYPE = {
-    "qwen2": "Qwen2Tokenizer",
-    "qwen2_moe": "Qwen2Tokenizer",
-    "qwen2_vl": "Qwen2Tokenizer",
-    "qwen2_5_vl": "Qwen2Tokenizer",
-    "qwen3": "Qwen2Tokenizer",
-    "qwen3_moe": "Qwen2Tokenizer",
-    "qwen3_next": "Qwen2Tokenizer",
-    "gemma": "GemmaTokenizer",
-    "gemma2": "GemmaTokenizer",
-    "gemma3": "GemmaTokenizer",
-    "gemma3_text": "GemmaTokenizer",
-    "gpt2": "GPT2Tokenizer",
-    "gpt_neox": "GPTNeoXTokenizer",
-    "cohere": "CohereTokenizer",
-    "cohere2": "CohereTokenizer",
+# The tokenizer class transformers registers for a model_type (TOKENIZER_MAPPING_NAMES),
+# restricted to the classes mirrored above and to the model types registered as the
+# plain backend ("" below). Unlisted model types defer to the folder's tokenizer_class.
+_BACKEND = ""
+_CLASS_FOR_MODEL_TYPE: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "qwen2_5_omni", "qwen3",
+            "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe", "internvl",
+        ),
+        "Qwen2Tokenizer",
+    ),
+    **dict.fromkeys(
+        ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "recurrent_gemma", "t5gemma"),
+        "GemmaTokenizer",
+    ),
+    **dict.fromkeys(("gpt2", "gpt_neo", "gptj", "codegen", "opt", "phi", "starcoder2", "dbrx"), "GPT2Tokenizer"),
+    **dict.fromkeys(("gpt_neox", "olmo", "olmoe", "mpt", "mamba", "mamba2", "falcon_mamba"), "GPTNeoXTokenizer"),
+    **dict.fromkeys(("cohere", "cohere2", "aya_vision"), "CohereTokenizer"),
+    **dict.fromkeys(
+        (
+            "mistral", "mixtral", "mistral3", "ministral", "ministral3", "pixtral", "phi3", "phi3_v", "phimoe",
+            "glm", "glm4", "glm4_moe", "glm4_moe_lite", "glm4v", "glm4v_moe", "olmo2", "olmo3", "flex_olmo",
+            "ernie4_5", "ernie4_5_moe", "minimax_m2", "iquestcoder", "hyperclovax", "granite", "granitemoe",
+            "granitemoehybrid", "granitemoeshared", "stablelm", "persimmon", "jamba", "internlm2", "internlm3",
+            "nemotron", "gpt_bigcode", "kimi_linear", "minicpm3", "llava", "llava_next", "smolvlm", "arctic",
+        ),
+        _BACKEND,
+    ),
 }
 
-# Model types whose Hub tokenizer_class transformers overrides with plain
-# TokenizersBackend (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, the entries that
-# matter for the classes above).
-_HUB_CLASS_IGNORED_FOR_MODEL_TYPE = frozenset({"phi3", "phimoe", "internlm2", "internlm3", "jamba", "minimax_m2", "ernie4_5", "ernie4_5_moe", "nemotron", "iquestcoder", "hyperclovax"})
+# Model types whose Hub tokenizer_class transformers distrusts
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS): the registered class wins over it.
+_HUB_CLASS_DISTRUSTED = frozenset(
+    {
+        "phi3", "phi3_v", "phimoe", "qwen2", "internlm2", "internlm3", "jamba", "minimax_m2", "ernie4_5",
+        "ernie4_5_moe", "nemotron", "iquestcoder", "hyperclovax", "llava", "llava_next", "smolvlm", "arctic",
+    }
+)
 
 
-def _resolve_class(config: Mapping[str, Any], model_config: Mapping[str, Any], tokenizer_json_text: str) -> str | None:
-    """Name of the transformers tokenizer class the folder loads as (None: plain backend)."""
-    name = config.get("tokenizer_class") or model_config.get("tokenizer_class")
+def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
+    """Whether any pipeline component of tokenizer.json is a ByteLevel one."""
+    components = (backend.normalizer, backend.pre_tokenizer, backend.decoder, backend.post_processor)
+    return any(c is not None and b'"ByteLevel"' in c.__getstate__() for c in components)
+
+
+def _resolve_class(config: Mapping[str, Any], model_config: Mapping[str, Any], backend: tokenizers.Tokenizer) -> str | None:
+    """Name of the transformers tokenizer class the folder loads as (None: plain backend).
+
+    Follows AutoTokenizer.from_pretrained (transformers 5): the folder's tokenizer_class,
+    unless the model_type registers another class, in which case a plain-backend
+    registration or a distrusted Hub class gives the registered one.
+    """
+    hub = config.get("tokenizer_class") or model_config.get("tokenizer_class")
+    hub = hub.removesuffix("Fast") if isinstance(hub, str) else None
     model_type = model_config.get("model_type")
-    if isinstance(name, str):
-        name = name.removesuffix("Fast")
-        if model_type in _HUB_CLASS_IGNORED_FOR_MODEL_TYPE:
+    registered = _CLASS_FOR_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if hub is None:
+        name = registered
+    elif registered is not None and registered != hub:
+        if registered == _BACKEND:
             name = None
+        else:
+            name = registered if model_type in _HUB_CLASS_DISTRUSTED else hub
     else:
-        name = _CLASS_FOR_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+        name = hub
     # transformers loads a "LlamaTokenizer" folder whose tokenizer.json is byte-level
     # (Llama 3 style) as a plain backend: LlamaTokenizer would force SentencePiece's Metaspace.
-    if name == "LlamaTokenizer" and '"ByteLevel"' in tokenizer_json_text:
+    if name == "LlamaTokenizer" and _is_byte_level(backend):
         name = None
+    if name in ("TokenizersBackend", "PreTrainedTokenizer", _BACKEND):
+        name = None
+    if name is not None and name not in _PIPELINES:
+        logger.debug("tokenizer class %s is not mirrored; using tokenizer.json as stored", name)
     return name
 
 
@@ -257,12 +292,18 @@ def _token_content(value: Any) -> str | None:
 
 
 def _added_token(value: Any, *, special: bool) -> AddedToken | None:
+    """An AddedToken from a string or a dict; ``special=True`` forces the special flag.
+
+    transformers marks every named special token (bos_token...) special, whatever its
+    dict says, so that ``skip_special_tokens`` drops it.
+    """
     if isinstance(value, str):
         return AddedToken(value, special=special, normalized=not special)
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         known = ("single_word", "lstrip", "rstrip", "normalized", "special")
         kwargs = {k: bool(value[k]) for k in known if k in value}
-        kwargs.setdefault("special", special)
+        if special:
+            kwargs["special"] = True
         return AddedToken(value["content"], **kwargs)
     return None
 
@@ -278,8 +319,24 @@ def _first_int(value: Any) -> int | None:
 
 
 def _chat_template_sources(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:
-    """Named chat template sources; the unnamed one is "default"."""
+    """Named chat template sources; the unnamed one is "default".
+
+    As in transformers, standalone .jinja files (``chat_template.jinja`` and
+    ``additional_chat_templates/<name>.jinja``) replace any template stored in JSON.
+    Among JSON sources, a processor's ``chat_template.json`` wins over
+    ``tokenizer_config.json``.
+    """
     templates: dict[str, str] = {}
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        templates["default"] = jinja_file.read_text(encoding="utf-8")
+    extra_dir = folder / "additional_chat_templates"
+    if extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.jinja")):
+            templates[path.stem] = path.read_text(encoding="utf-8")
+    if templates:
+        return templates
+
     raw: Any = config.get("chat_template")
     processor_file = _read_json(folder / "chat_template.json")
     if processor_file is not None and processor_file.get("chat_template") is not None:
@@ -288,7 +345,9 @@ def _chat_template_sources(folder: Path, config: Mapping[str, Any]) -> dict[str,
         templates["default"] = raw
     elif isinstance(raw, list):
         for entry in raw:
-            if not (isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)):
+            if not (
+                isinstance(entry, Mapping) and isinstance(entry.get("name"), str) and isinstance(entry.get("template"), str)
+            ):
                 raise TokenizerError(
                     "chat_template in tokenizer_config.json must be a string or a list of {'name', 'template'} dicts; "
                     "fix the file or add a chat_template.jinja"
@@ -298,14 +357,6 @@ def _chat_template_sources(folder: Path, config: Mapping[str, Any]) -> dict[str,
         templates.update({str(k): v for k, v in raw.items() if isinstance(v, str)})
     elif raw is not None:
         raise TokenizerError("chat_template must be a string; fix tokenizer_config.json or add a chat_template.jinja")
-    # Standalone .jinja files win over templates inside JSON files, as in transformers.
-    jinja_file = folder / "chat_template.jinja"
-    if jinja_file.is_file():
-        templates["default"] = jinja_file.read_text(encoding="utf-8")
-    extra_dir = folder / "additional_chat_templates"
-    if extra_dir.is_dir():
-        for path in sorted(extra_dir.glob("*.jinja")):
-            templates[path.stem] = path.read_text(encoding="utf-8")
     return templates
 
 
@@ -317,8 +368,9 @@ def _chat_template_sources(folder: Path, config: Mapping[str, Any]) -> dict[str,
 class Tokenizer:
     """Text <-> token ids, plus chat templates, for one model.
 
-    Build it with :meth:`from_folder`. Instances are immutable after loading and safe
-    to share between threads (the ``tokenizers`` backend is thread-safe).
+    Build it with :meth:`from_folder`. An instance can be shared between threads: the
+    ``tokenizers`` backend is thread-safe and nothing here changes after loading except
+    idempotent caches.
     """
 
     def __init__(
@@ -342,6 +394,7 @@ class Tokenizer:
         self.name = name
         self._added = {i: t for i, t in backend.get_added_tokens_decoder().items()}
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._byte_fallback_ids: frozenset[int] | None = None
 
     # -- loading ----------------------------------------------------------------------
 
@@ -358,14 +411,15 @@ class Tokenizer:
                 "(a 'fast' tokenizer, e.g. saved by transformers' save_pretrained)"
             )
         try:
-            tokenizer_json_text = tokenizer_file.read_text(encoding="utf-8")
-            backend = tokenizers.Tokenizer.from_str(tokenizer_json_text)
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # the Rust parser raises plain Exception
             raise TokenizerError(f"cannot read {tokenizer_file} ({exc}); restore it from the original model") from exc
 
         config = _read_json(folder / "tokenizer_config.json") or {}
         model_config = _read_json(folder / "config.json") or {}
         generation_config = _read_json(folder / "generation_config.json") or {}
+        # Multimodal configs keep the language model's ids under text_config.
+        text_config = model_config.get("text_config") if isinstance(model_config.get("text_config"), dict) else {}
 
         # transformers reads special_tokens_map.json only for old folders whose
         # tokenizer_config.json has no added_tokens_decoder, and then lets it override.
@@ -373,7 +427,7 @@ class Tokenizer:
             special_map = _read_json(folder / "special_tokens_map.json") or {}
             config = {**config, **{k: v for k, v in special_map.items() if k.endswith("_token") or k.endswith("_tokens")}}
 
-        class_name = _resolve_class(config, model_config, tokenizer_json_text)
+        class_name = _resolve_class(config, model_config, backend)
         pipeline = _PIPELINES.get(class_name) if class_name else None
         logger.debug("tokenizer %s loads as %s", folder, class_name or "TokenizersBackend")
 
@@ -399,7 +453,7 @@ class Tokenizer:
         # special tokens that are not added tokens yet (so they match whole in text).
         present = {t.content for t in backend.get_added_tokens_decoder().values()}
         to_add: list[AddedToken] = []
-        for index, value in sorted(_int_keyed(config.get("added_tokens_decoder") or {}).items()):
+        for _, value in sorted(_int_keyed(config.get("added_tokens_decoder") or {}).items()):
             token = _added_token(value, special=False)
             if token is not None and token.content not in present:
                 to_add.append(token)
@@ -409,8 +463,11 @@ class Tokenizer:
             if token is not None and token.content not in present:
                 to_add.append(token)
                 present.add(token.content)
-        if to_add:
-            backend.add_special_tokens(to_add)
+        # add_special_tokens would mark every token special; keep each token's own flag.
+        if normal := [t for t in to_add if not t.special]:
+            backend.add_tokens(normal)
+        if special := [t for t in to_add if t.special]:
+            backend.add_special_tokens(special)
 
         if pipeline is not None and pipeline.post_processor_flags is not None:
             backend.post_processor = _bos_eos_processor(backend, named, *pipeline.post_processor_flags)
@@ -420,7 +477,8 @@ class Tokenizer:
         # unless asked; a stored truncation would silently cut prompts.
         backend.no_truncation()
         backend.no_padding()
-        backend.encode_special_tokens = False
+        # split_special_tokens makes special-token strings in the text ordinary text.
+        backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
         special_strings = {k: _token_content(v) for k, v in named.items()}
         max_length = config.get("model_max_length")
@@ -428,8 +486,12 @@ class Tokenizer:
             backend,
             special_tokens={k: v for k, v in special_strings.items() if v is not None},
             chat_templates=_chat_template_sources(folder, config),
-            fallback_bos_token_id=_first_int(generation_config.get("bos_token_id", model_config.get("bos_token_id"))),
-            fallback_eos_token_id=_first_int(generation_config.get("eos_token_id", model_config.get("eos_token_id"))),
+            fallback_bos_token_id=_first_int(
+                generation_config.get("bos_token_id", model_config.get("bos_token_id", text_config.get("bos_token_id")))
+            ),
+            fallback_eos_token_id=_first_int(
+                generation_config.get("eos_token_id", model_config.get("eos_token_id", text_config.get("eos_token_id")))
+            ),
             model_max_length=max_length if isinstance(max_length, int) and 0 < max_length < _NO_MAX_LENGTH else None,
             name=folder.name,
         )
@@ -458,16 +520,12 @@ class Tokenizer:
 
     @property
     def special_token_ids(self) -> set[int]:
-        """Ids of the special added tokens and of the named special tokens.
+        """Ids of the special tokens: those ``decode(..., skip_special_tokens=True)`` drops.
 
-        These are the ids ``decode(..., skip_special_tokens=True)`` drops.
+        Every named special token (bos, eos, pad...) is among them: loading registers
+        each as a special added token, as transformers does.
         """
-        ids = {i for i, t in self._added.items() if t.special}
-        for content in self._special_tokens.values():
-            token_id = self._backend.token_to_id(content)
-            if token_id is not None:
-                ids.add(token_id)
-        return ids
+        return {i for i, t in self._added.items() if t.special}
 
     def _named_id(self, name: str) -> int | None:
         content = self._special_tokens.get(name)
@@ -506,6 +564,21 @@ class Tokenizer:
     @property
     def unk_token_id(self) -> int | None:
         return self._named_id("unk_token")
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of the ``<0xNN>`` byte tokens when the decoder does SentencePiece byte fallback."""
+        if self._byte_fallback_ids is None:
+            ids = {}
+            for byte in range(256):
+                token_id = self._backend.token_to_id(f"<0x{byte:02X}>")
+                if token_id is not None:
+                    ids[byte] = token_id
+            # Tested by behaviour rather than by decoder type: a byte-fallback decoder turns
+            # <0x41> into "A", any other decoder leaves the token's text alone.
+            active = 0x41 in ids and self._backend.decode([ids[0x41]]) == "A"
+            self._byte_fallback_ids = frozenset(ids.values()) if active else frozenset()
+        return self._byte_fallback_ids
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (as stored in the vocabulary), or None."""
@@ -668,15 +741,24 @@ class IncrementalDetokenizer:
     decoder effects that depend on position, such as SentencePiece decoders stripping
     the space at the start of the text.
 
-    A token can hold part of a multi-byte character (byte-level BPE and SentencePiece
-    byte fallback split emoji and CJK); the window's text then ends with U+FFFD until
-    the character completes, and that tail is held back. Characters before it are
-    final (later bytes can only change the trailing replacement characters), so they
-    are emitted at once. :meth:`flush` emits whatever is held back at the end, exactly
-    as ``decode`` renders it.
+    A token can hold part of a multi-byte character, so text is held back until it is
+    final:
+
+    * byte-level BPE (GPT-2 style) decodes all bytes at once, replacing an incomplete
+      sequence at the end with U+FFFD; characters before that trailing U+FFFD run are
+      final (more bytes only change the run), so they are emitted at once;
+    * SentencePiece byte fallback decodes each run of ``<0xNN>`` tokens as a group and
+      turns the whole group into U+FFFD if any byte of it is invalid, so a group's text
+      is emitted only when a non-byte token ends it.
+
+    :meth:`flush` emits whatever is held back at the end, exactly as ``decode`` renders
+    it. Text that already contains U+FFFD (invalid bytes the model produced) is
+    reproduced too: the guarantee is equality with ``decode``, not clean text.
     """
 
-    __slots__ = ("_tokenizer", "_skip_special", "_special_ids", "_ids", "_prefix_len", "_prefix_text", "_emitted")
+    __slots__ = (
+        "_tokenizer", "_skip_special", "_special_ids", "_byte_ids", "_ids", "_prefix_len", "_prefix_text", "_emitted"
+    )
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
@@ -684,6 +766,7 @@ class IncrementalDetokenizer:
         # tokenizers drops skipped tokens before running the decoder, so dropping them
         # here gives the same text and keeps them out of the window.
         self._special_ids = frozenset(tokenizer.special_token_ids) if skip_special_tokens else frozenset()
+        self._byte_ids = tokenizer.byte_fallback_ids
         self._reset()
 
     def _reset(self) -> None:
@@ -702,11 +785,13 @@ class IncrementalDetokenizer:
         if not isinstance(token_id, int) or token_id < 0:
             raise TokenizerError(f"IncrementalDetokenizer.add() takes a non-negative int token id, got {token_id!r}")
         self._ids.append(token_id)
+        if token_id in self._byte_ids:
+            return ""  # the byte group is still open
         text = self._decode(self._ids)
         start = len(self._prefix_text) + self._emitted
         if not text.startswith(self._prefix_text):
-            # Only decoders that merge across token boundaries do this (none of the LLM
-            # decoders); emitting by position keeps the stream going.
+            # Only decoders that merge text across token boundaries do this (none of the
+            # LLM decoders do); emitting by position keeps the stream going.
             logger.debug("decoder output of the window does not extend its prefix's output")
         if text.endswith("\ufffd"):
             stable = len(text.rstrip("\ufffd"))
