@@ -111,3 +111,43 @@ def tiny_model_dir(tmp_path_factory):
         return made[kind]
 
     return get
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_tiny_tokenizer(folder, vocab_size: int = 300) -> None:
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The quick brown fox jumps over the lazy dog.", "Hello world! Привет, мир. 你好，世界 🙂",
+            "def f(x):\n    return x * 2\n"] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+    }))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_model_dir, tmp_path_factory):
+    """A tiny Llama-shaped model folder with a real (tiny) tokenizer and a ChatML template."""
+    import shutil
+
+    src, _ = tiny_model_dir("llama")
+    dst = tmp_path_factory.mktemp("tiny-chat") / "model"
+    shutil.copytree(src, dst)
+    write_tiny_tokenizer(dst)
+    return dst
