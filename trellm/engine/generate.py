@@ -92,10 +92,13 @@ def generate_tokens(
             stats.decode_seconds = now - t_first
         stats.completion_tokens = i + 1
         tokens.append(tok)
-        yield tok
         if tok in stop:
+            # Set before yielding: a consumer that stops at the stop token never resumes us.
             stats.finish_reason = "stop"
+            yield tok
             return
+        if i == max_new - 1:
+            stats.finish_reason = "length"
+        yield tok
         ids = token[:, None]
         positions = torch.tensor([[cache.length]], device=device)
-    stats.finish_reason = "length"

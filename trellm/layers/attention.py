@@ -59,17 +59,23 @@ def attention_ref(
         mask = k_pos <= q_pos  # [T, S]
         if params.window is not None:
             mask &= k_pos > q_pos - params.window
-    if params.softcap is None:
+    if params.softcap is None and q.device.type != "cpu":
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=params.scale, enable_gqa=True)
         return out.transpose(1, 2)
-    groups = qh.shape[1] // kh.shape[1]
-    kh, vh = kh.repeat_interleave(groups, dim=1), vh.repeat_interleave(groups, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)) * params.scale  # [B, H, T, S]
-    scores = torch.tanh(scores / params.softcap) * params.softcap
+    # Explicit math: soft-capping needs it, and on CPUs torch's SDPA kernel is far slower than
+    # this for GQA and masked calls. Query heads are grouped by the KV head they share, so
+    # keys and values are never copied per query head.
+    b, h, d, hkv = q.shape[0], q.shape[2], q.shape[3], k.shape[2]
+    g = h // hkv
+    qg = qh.reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, D]
+    scores = qg @ kh.transpose(-1, -2)  # [B, Hkv, G*T, S]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * params.scale  # softmax in >= fp32
+    if params.softcap is not None:
+        scores = torch.tanh(scores / params.softcap) * params.softcap
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ vh).transpose(1, 2)
+        scores = scores.view(b, hkv, g, t, s).masked_fill(~mask, float("-inf")).view(b, hkv, g * t, s)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ vh).view(b, h, t, d).transpose(1, 2)
 
 
 class Attention(nn.Module):
