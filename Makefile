@@ -16,10 +16,13 @@ help:
 	@echo "make models  - fetch and import the real test models into the cache (~/.cache/trellm)"
 
 # A venv that reuses an already installed torch (e.g. a CUDA build on a GPU machine) or installs $(TORCH).
+# --system-site-packages alone misses a torch that lives in another venv, hence the .pth file.
 $(BIN)/python:
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 		echo "using the torch already installed for $(PYTHON)"; \
-		$(PYTHON) -m venv --system-site-packages $(VENV); \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && \
+		$(PYTHON) -c "import site; print(*site.getsitepackages(), sep='\n')" \
+			> "$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_trellm_host.pth"; \
 	else \
 		$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "$(TORCH)"; \
 	fi
