@@ -91,3 +91,13 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
+
+
+def test_import_gguf_rejects_a_corrupt_file_and_leaves_nothing(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "import-gguf", str(bad), "-o", str(out_dir))
+    assert code == 2 and err.startswith("error: ") and "broken.gguf" in err
+    assert not out_dir.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]  # no temp folder left either
