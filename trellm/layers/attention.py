@@ -19,7 +19,7 @@ from torch import nn
 from trellm.layers.linear import Linear
 from trellm.layers.norms import RMSNorm
 from trellm.layers.rope import apply_rope
-from trellm.quant.base import QuantMethod
+from trellm.quant.base import MethodFor
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +91,16 @@ class Attention(nn.Module):
         o_bias: bool,
         params: AttentionParams,
         qk_norm: RMSNorm | None,
-        method: QuantMethod,
+        methods: MethodFor,
         prefix: str,
     ):
         super().__init__()
         self.layer_idx, self.params = layer_idx, params
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = Linear(hidden, num_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.q_proj")
-        self.k_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.k_proj")
-        self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, method=method, name=f"{prefix}.v_proj")
-        self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, method=method, name=f"{prefix}.o_proj")
+        self.q_proj = Linear(hidden, num_heads * head_dim, bias=qkv_bias, methods=methods, name=f"{prefix}.q_proj")
+        self.k_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, methods=methods, name=f"{prefix}.k_proj")
+        self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, methods=methods, name=f"{prefix}.v_proj")
+        self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, methods=methods, name=f"{prefix}.o_proj")
         self.q_norm = qk_norm
         self.k_norm = None if qk_norm is None else RMSNorm(
             head_dim, qk_norm.eps, offset=qk_norm.offset, weight_in_fp32=qk_norm.weight_in_fp32

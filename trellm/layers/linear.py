@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from trellm.io.weights import WeightSource
-from trellm.quant.base import LinearImpl, QuantMethod
+from trellm.quant.base import LinearImpl, MethodFor
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, method: QuantMethod, name: str):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, methods: MethodFor, name: str):
         super().__init__()
         self.in_features, self.out_features, self.name = in_features, out_features, name
-        self.impl: LinearImpl = method.create(in_features, out_features, bias)
+        self.impl: LinearImpl = methods(name).create(in_features, out_features, bias)
 
     def load(self, source: WeightSource, *, device: torch.device, dtype: torch.dtype) -> None:
         self.impl.load(source, self.name, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ from torch import nn
 
 from trellm.errors import ConfigError
 from trellm.layers.linear import Linear
-from trellm.quant.base import QuantMethod
+from trellm.quant.base import MethodFor
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -31,12 +31,12 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool, method: QuantMethod, prefix: str):
+    def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool, methods: MethodFor, prefix: str):
         super().__init__()
         self.act = activation(act)
-        self.gate_proj = Linear(hidden, intermediate, bias=bias, method=method, name=f"{prefix}.gate_proj")
-        self.up_proj = Linear(hidden, intermediate, bias=bias, method=method, name=f"{prefix}.up_proj")
-        self.down_proj = Linear(intermediate, hidden, bias=bias, method=method, name=f"{prefix}.down_proj")
+        self.gate_proj = Linear(hidden, intermediate, bias=bias, methods=methods, name=f"{prefix}.gate_proj")
+        self.up_proj = Linear(hidden, intermediate, bias=bias, methods=methods, name=f"{prefix}.up_proj")
+        self.down_proj = Linear(intermediate, hidden, bias=bias, methods=methods, name=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -11,8 +11,6 @@ nothing here branches on an architecture's name or on the quantization format.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -24,9 +22,25 @@ from trellm.layers.norms import RMSNorm
 from trellm.layers.rope import RotaryEmbedding
 from trellm.models.config import ModelConfig
 from trellm.models.registry import ArchSpec
-from trellm.quant.base import QuantMethod
+from trellm.quant.base import MethodFor
 
-MethodFor = Callable[[str], QuantMethod]  # module name -> how its weight is stored
+
+def fused_parts(cfg: ModelConfig, spec: ArchSpec) -> dict[str, FusedPart]:
+    """Rows of each of our linears inside the checkpoint's fused tensors (ArchSpec.fused)."""
+    sizes = {
+        "self_attn.q_proj": cfg.num_heads * cfg.head_dim,
+        "self_attn.k_proj": cfg.num_kv_heads * cfg.head_dim,
+        "self_attn.v_proj": cfg.num_kv_heads * cfg.head_dim,
+        "mlp.gate_proj": cfg.intermediate_size,
+        "mlp.up_proj": cfg.intermediate_size,
+    }
+    parts: dict[str, FusedPart] = {}
+    for fused, names in spec.fused.items():
+        start = 0
+        for name in names:
+            parts[name] = FusedPart(fused, start, start + sizes[name])
+            start += sizes[name]
+    return parts
 
 
 class DecoderLayer(nn.Module):
@@ -50,11 +64,11 @@ class DecoderLayer(nn.Module):
             layer_idx=idx, hidden=cfg.hidden_size, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, params=params,
             qk_norm=norm(cfg.head_dim) if spec.qk_norm else None,
-            method=method_for(f"{p}.self_attn"), prefix=f"{p}.self_attn",
+            methods=method_for, prefix=f"{p}.self_attn",
         )
         self.mlp = GatedMLP(
             cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, bias=cfg.mlp_bias,
-            method=method_for(f"{p}.mlp"), prefix=f"{p}.mlp",
+            methods=method_for, prefix=f"{p}.mlp",
         )
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
@@ -84,30 +98,12 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, spec, i, method_for) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=spec.norm_offset,
                             weight_in_fp32=spec.norm_weight_in_fp32)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, method=method_for("lm_head"), name="lm_head")
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, methods=method_for, name="lm_head")
         self.rotary = nn.ModuleDict({t: RotaryEmbedding(cfg.rope[t], cfg.head_dim) for t in sorted(set(cfg.layer_types))})
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     # ---- loading --------------------------------------------------------------------------------------
-
-    def fused_parts(self) -> dict[str, FusedPart]:
-        """Rows of each of our linears inside the checkpoint's fused tensors (ArchSpec.fused)."""
-        cfg = self.config
-        sizes = {
-            "self_attn.q_proj": cfg.num_heads * cfg.head_dim,
-            "self_attn.k_proj": cfg.num_kv_heads * cfg.head_dim,
-            "self_attn.v_proj": cfg.num_kv_heads * cfg.head_dim,
-            "mlp.gate_proj": cfg.intermediate_size,
-            "mlp.up_proj": cfg.intermediate_size,
-        }
-        parts: dict[str, FusedPart] = {}
-        for fused, names in self.spec.fused.items():
-            start = 0
-            for name in names:
-                parts[name] = FusedPart(fused, start, start + sizes[name])
-                start += sizes[name]
-        return parts
 
     @torch.no_grad()
     def load(self, source: WeightSource, *, device: torch.device, dtype: torch.dtype) -> None:
@@ -126,7 +122,8 @@ class DecoderModel(nn.Module):
             norm.weight = nn.Parameter(
                 source.get(f"{name}.weight", shape=(norm.dim,), dtype=dtype, device=device), requires_grad=False
             )
-        if cfg.tie_word_embeddings and "lm_head.weight" not in source:
+        stored = "lm_head.weight" in source or "lm_head.trellis" in source
+        if cfg.tie_word_embeddings and not stored:
             self.lm_head.impl.set_weight(self.embed_weight)
         else:
             self.lm_head.load(source, device=device, dtype=dtype)

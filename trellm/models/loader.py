@@ -12,9 +12,10 @@ from trellm.io.hf_folder import read_generation_config, read_model_config
 from trellm.io.safetensors import CheckpointReader
 from trellm.io.weights import WeightSource
 from trellm.models.config import ModelConfig
-from trellm.models.decoder import DecoderModel
+from trellm.models.decoder import DecoderModel, fused_parts
 from trellm.models.registry import get_arch
-from trellm.quant.base import QuantMethod
+from trellm.quant.base import MethodFor
+from trellm.quant.exl3 import EXL3Method
 from trellm.quant.fp16 import FP16Method
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,24 @@ def default_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def quant_method(cfg: ModelConfig) -> QuantMethod:
+def method_chooser(cfg: ModelConfig, source: WeightSource) -> MethodFor:
+    """Which QuantMethod stores each linear, from quantization_config and the tensors present.
+
+    EXL3 files quantize every linear including the head; a linear stored as a plain
+    `.weight` in the same file (some writers keep small layers in 16 bits) stays fp16.
+    """
     qc = cfg.quantization_config
+    fp16 = FP16Method()
     if not qc:
-        return FP16Method()
-    name = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-    raise ConfigError(f"quantization method {name!r} in config.json is not supported by this version of trellm")
+        return lambda name: fp16
+    name = qc.get("quant_method") if isinstance(qc, dict) else None
+    if name == "exl3":
+        exl3 = EXL3Method()
+        return lambda layer: exl3 if f"{layer}.trellis" in source else fp16
+    raise ConfigError(
+        f"quantization method {name!r} in config.json is not supported; trellm runs 16-bit and EXL3 models "
+        "(convert this model from its unquantized original with `trellm convert`)"
+    )
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -67,9 +80,8 @@ def load_model(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but torch sees no CUDA device; use --device cpu")
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(cfg, dev)
-    method = quant_method(cfg)
-    model = DecoderModel(cfg, spec, lambda name: method)
-    source = WeightSource(CheckpointReader(path), model.fused_parts())
+    source = WeightSource(CheckpointReader(path), fused_parts(cfg, spec))
+    model = DecoderModel(cfg, spec, method_chooser(cfg, source))
     model.load(source, device=dev, dtype=dt)
     model.eval()
     log.info("loaded %s (%s) on %s in %s", path.name, cfg.architecture, dev, dt)

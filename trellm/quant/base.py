@@ -8,7 +8,7 @@ Linear asks its QuantMethod for an implementation module and calls it. Formats:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -46,3 +46,7 @@ class QuantMethod(ABC):
 
     @abstractmethod
     def create(self, in_features: int, out_features: int, bias: bool) -> LinearImpl: ...
+
+
+# Linear's full name (e.g. "model.layers.0.mlp.up_proj") -> how that layer's weight is stored.
+MethodFor = Callable[[str], QuantMethod]
