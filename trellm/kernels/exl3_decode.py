@@ -1,0 +1,172 @@
+"""Decoding EXL3 trellis tiles inside Triton kernels, and the dequantize kernel.
+
+`decode_block` turns TA × TC tiles of the trellis into a [16·TA, 16·TC] fp16 block of
+Q in natural (row, column) order without ever gathering: the 256 weights of a tile
+are split into 8 groups of 32 consecutive sequence positions p = 32g + p0. Within a
+group every weight's 16-bit window starts at a bit offset known at compile time
+(32·K·g is a whole number of words), so each of the 32 positions p0 is a straight-line
+funnel shift of two word tensors loaded once per group, followed by the codebook.
+The 32 results are joined along new register dimensions whose order makes the
+final permute/reshape land each weight at its (row, col) of the tile (§3: row =
+2(t mod 4) + j0 + 8·j1, col = t div 4 + 8·j2 for p = 8t + j).
+
+Codebook output (CODEBOOK constexpr): 0 = mul1, 1 = mcg, 2 = 3inst. With RAW_MUL1 the
+mul1 path returns h = 1024 + bytesum as fp16 (exact) instead of fma(h, C1, C2): the
+affine map is applied once to the matmul result (C1·acc + C2·Σx), which saves an
+fp16 fma per weight and is more precise than rounding every weight.
+
+USE_ASM selects inline PTX (funnel shift, dp4a); without it the same arithmetic is
+spelled in plain Triton so that TRITON_INTERPRET=1 can run it on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trellm.quant import exl3_format as fmt
+
+MUL1_C1 = float(fmt._fp16(fmt.MUL1_C1_BITS))
+MUL1_C2 = float(fmt._fp16(fmt.MUL1_C2_BITS))
+CODEBOOK_IDS = {"mul1": 0, "mcg": 1, "3inst": 2}
+
+
+@triton.jit
+def _window(hi, lo, OFF: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 16 bits starting OFF bits (MSB-first) into the 64-bit hi:lo, as uint32."""
+    if OFF == 0:
+        return hi >> 16
+    elif OFF <= 16:
+        return (hi >> (16 - OFF)) & 0xFFFF
+    else:
+        if USE_ASM:
+            f = tl.inline_asm_elementwise(f"shf.l.clamp.b32 $0, $2, $1, {OFF};", "=r,r,r", [hi, lo],
+                                          dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            f = (hi << OFF) | (lo >> (32 - OFF))
+        return f >> 16
+
+
+@triton.jit
+def _codebook(state, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr, USE_ASM: tl.constexpr):
+    """16-bit states (uint32) -> fp16 values."""
+    if CODEBOOK == 0:
+        x = state * 0x83DCD12D
+        if USE_ASM:
+            hb = tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 25600;", "=r,r", [x],
+                                           dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            hb = 0x6400 + (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)
+        h = hb.to(tl.uint16).to(tl.float16, bitcast=True)  # 1024 + bytesum, exact
+        if RAW_MUL1:
+            return h
+        else:
+            return tl.fma(h.to(tl.float32), 0.00676727294921875, -10.3828125).to(tl.float16)  # C1, C2 = fp16 0x1EEE, 0xC931
+    else:
+        if CODEBOOK == 1:
+            x = state * 0xCBAC1FED
+        else:
+            x = state * 89226354 + 64248484
+        u = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+        hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        return lo + hi
+
+
+@triton.jit
+def _leaf(words, P0: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+          USE_ASM: tl.constexpr):
+    """Weight p = 32g + P0 of every group: its window starts at a fixed offset from the group's words."""
+    start: tl.constexpr = (P0 + 1) * K - 16  # first bit of the window relative to the group (>= -15)
+    d: tl.constexpr = (start + 32) // 32 - 1  # which word holds it: -1 .. K-1
+    off: tl.constexpr = start - 32 * d
+    state = _window(words[d + 1], words[d + 2], off, USE_ASM)
+    return _codebook(state, CODEBOOK, RAW_MUL1, USE_ASM)
+
+
+# The join tree: p0 = 8·t0 + j with t0 = 2·t0_1 + t0_0 and j = 4·j2 + 2·j1 + j0. tl.join appends its
+# new dimension last, so the innermost join comes first: joining j2, then j1, t0_1, t0_0 and j0
+# (outermost) gives dims [..., j2, j1, t0_1, t0_0, j0], whose last four form the tile row
+# 8·j1 + 4·t0_1 + 2·t0_0 + j0.
+@triton.jit
+def _join_j2(words, P: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+             USE_ASM: tl.constexpr):
+    return tl.join(_leaf(words, P, K, CODEBOOK, RAW_MUL1, USE_ASM),
+                   _leaf(words, P + 4, K, CODEBOOK, RAW_MUL1, USE_ASM))
+
+
+@triton.jit
+def _join_j1(words, P: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+             USE_ASM: tl.constexpr):
+    return tl.join(_join_j2(words, P, K, CODEBOOK, RAW_MUL1, USE_ASM),
+                   _join_j2(words, P + 2, K, CODEBOOK, RAW_MUL1, USE_ASM))
+
+
+@triton.jit
+def _join_t1(words, P: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+             USE_ASM: tl.constexpr):
+    return tl.join(_join_j1(words, P, K, CODEBOOK, RAW_MUL1, USE_ASM),
+                   _join_j1(words, P + 16, K, CODEBOOK, RAW_MUL1, USE_ASM))
+
+
+@triton.jit
+def _join_t0(words, P: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+             USE_ASM: tl.constexpr):
+    return tl.join(_join_t1(words, P, K, CODEBOOK, RAW_MUL1, USE_ASM),
+                   _join_t1(words, P + 8, K, CODEBOOK, RAW_MUL1, USE_ASM))
+
+
+@triton.jit
+def decode_block(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr,
+                 CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr, USE_ASM: tl.constexpr):
+    """Tiles [tile_a, tile_a+TA) × [tile_c, tile_c+TC) of a trellis with NT tile columns, as an fp16
+    block [16·TA, 16·TC] in natural order. tr_ptr: the trellis viewed as int32 words (8·K per tile)."""
+    WORDS: tl.constexpr = 8 * K
+    a = tl.arange(0, TA)[:, None, None]
+    c = tl.arange(0, TC)[None, :, None]
+    g = tl.arange(0, 8)[None, None, :]
+    group = ((tile_a + a) * NT + (tile_c + c)) * WORDS  # [TA, TC, 1] first word of each tile
+    # Words -1 .. K relative to each group's first word g·K, wrapping around the tile's ring.
+    words = ()
+    for d in tl.static_range(-1, K + 1):
+        w = tl.load(tr_ptr + group + (g * K + d + WORDS) % WORDS)  # [TA, TC, 8]
+        words = words + (w.to(tl.uint32, bitcast=True),)
+    v = tl.join(_join_t0(words, 0, K, CODEBOOK, RAW_MUL1, USE_ASM),
+                _join_t0(words, 1, K, CODEBOOK, RAW_MUL1, USE_ASM))  # [TA, TC, 8, 2, 2, 2, 2, 2]
+    v = tl.reshape(v, (TA, TC, 8, 2, 16))  # [a, c, g, j2, row]
+    v = tl.permute(v, (0, 4, 1, 3, 2))  # [a, row, c, j2, g]: col = 8·j2 + g
+    return tl.reshape(v, (16 * TA, 16 * TC))
+
+
+@triton.jit
+def _dequant_kernel(tr_ptr, q_ptr, NT, N_OUT, col0, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr,
+                    CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
+    pid_a, pid_c = tl.program_id(0), tl.program_id(1)
+    q = decode_block(tr_ptr, pid_a * TA, col0 // 16 + pid_c * TC, NT, K, TA, TC, CODEBOOK, False, USE_ASM)
+    rows = pid_a * TA * 16 + tl.arange(0, 16 * TA)
+    cols = pid_c * TC * 16 + tl.arange(0, 16 * TC)
+    tl.store(q_ptr + rows[:, None] * N_OUT + cols[None, :], q)
+
+
+def dequantize(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | None = None,
+               out: torch.Tensor | None = None, use_asm: bool | None = None) -> torch.Tensor:
+    """Q (fp16 [k, n], or columns cols[0]:cols[1], multiples of 128) decoded on the device; bit-exact."""
+    kt, nt, depth = trellis.shape
+    if depth % 16 or not 1 <= depth // 16 <= 8:
+        raise ValueError(f"the Triton decoder handles integer K = 1..8, got trellis depth {depth}")
+    c0, c1 = cols if cols is not None else (0, nt * 16)
+    assert c0 % 128 == 0 and c1 % 128 == 0 and c1 <= nt * 16
+    q = out if out is not None else torch.empty(kt * 16, c1 - c0, device=trellis.device, dtype=torch.float16)
+    assert q.shape == (kt * 16, c1 - c0) and q.is_contiguous()
+    ta, tc = 4, 8
+    use_asm = trellis.device.type == "cuda" if use_asm is None else use_asm
+    grid = (kt // ta, (c1 - c0) // (16 * tc))
+    _dequant_kernel[grid](trellis.view(torch.int32), q, nt, c1 - c0, c0, K=depth // 16, TA=ta, TC=tc,
+                          CODEBOOK=CODEBOOK_IDS[codebook], USE_ASM=use_asm)
+    return q
+
+
+def dequantize_ref(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    q = fmt.decode_trellis(trellis, codebook)
+    return q if cols is None else q[:, cols[0] : cols[1]].contiguous()

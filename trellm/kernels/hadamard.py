@@ -1,0 +1,92 @@
+"""Blockwise 128-point Hadamard transforms around an EXL3 matmul (EXL3_FORMAT.md §2.1).
+
+    had_in:  x' = had128(pad(x) ⊙ suh)       -> fp16 [m, k_pad]   (the GEMM's input)
+    had_out: y  = had128(y') ⊙ svh + bias     -> [m, n] in the caller's dtype
+
+Each program transforms a [16, 128] block with one tensor-core product against the
+orthonormal 128×128 Sylvester matrix (kept per device), so a call costs one launch
+whatever the shape. `*_ref` are the same functions in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trellm.quant.exl3_format import had128, hadamard_matrix
+
+_H_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def hadamard_128(device: torch.device, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    key = (torch.device(device), dtype)
+    h = _H_CACHE.get(key)
+    if h is None:
+        h = _H_CACHE[key] = hadamard_matrix(128, dtype, device).contiguous()
+    return h
+
+
+@triton.jit
+def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, M, K, stride_xm, stride_om, BM: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)  # [BM]
+    cols = pid_k * 128 + tl.arange(0, 128)  # [128]
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)  # [BM, 128]
+    xs = (x.to(tl.float32) * tl.load(suh_ptr + cols).to(tl.float32)).to(tl.float16)
+    r = tl.arange(0, 128)
+    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp16
+    y = tl.dot(xs, h)  # [BM, 128] fp32
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(tl.float16), mask=rows[:, None] < M)
+
+
+@triton.jit
+def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, h_ptr, out_ptr, M, N, stride_ym, stride_om,
+                    BM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * 128 + tl.arange(0, 128)
+    y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=rows[:, None] < M, other=0.0)
+    r = tl.arange(0, 128)
+    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
+    z = tl.dot(y.to(tl.float32), h, input_precision="tf32")  # [BM, 128]
+    z = z * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def had_in(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
+    """x [m, k] (any float dtype, unit column stride), suh fp16 [k_pad] -> fp16 [m, k_pad]."""
+    m, k = x.shape
+    k_pad = suh.shape[0]
+    assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad, (x.shape, x.stride(), suh.shape)
+    out = torch.empty(m, k_pad, device=x.device, dtype=torch.float16)
+    grid = (triton.cdiv(m, 16), k_pad // 128)
+    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, m, k, x.stride(0), out.stride(0), BM=16)
+    return out
+
+
+def had_out(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """y' [m, n_pad] -> [m, n] in `dtype`: had128(y') ⊙ svh (+ bias)."""
+    m, n_pad = y.shape
+    assert y.stride(1) == 1 and n_pad == svh.shape[0] and n_pad % 128 == 0
+    out = torch.empty(m, n, device=y.device, dtype=dtype)
+    grid = (triton.cdiv(m, 16), n_pad // 128)
+    _had_out_kernel[grid](y, svh, bias if bias is not None else svh, hadamard_128(y.device, torch.float32), out,
+                          m, n, y.stride(0), out.stride(0), BM=16, HAS_BIAS=bias is not None)
+    return out
+
+
+def had_in_ref(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
+    xp = torch.nn.functional.pad(x.float(), (0, suh.shape[0] - x.shape[1]))
+    return had128(xp * suh.float()).to(torch.float16)
+
+
+def had_out_ref(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
+    z = (had128(y.float()) * svh.float())[:, :n]
+    if bias is not None:
+        z = z + bias.float()
+    return z.to(dtype)
