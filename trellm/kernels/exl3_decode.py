@@ -75,14 +75,51 @@ def _codebook(state, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr, USE_ASM: tl
 
 
 @triton.jit
-def _leaf(words, P0: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
-          USE_ASM: tl.constexpr):
-    """Weight p = 32g + P0 of every group: its window starts at a fixed offset from the group's words."""
+def _codebook_f32(state, CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
+    """16-bit states -> fp32 values for FMA accumulation; mul1 gives its raw byte sum b (the
+    caller applies value = C1·(1024 + b) + C2 after the reduction)."""
+    if CODEBOOK == 0:
+        x = state * 0x83DCD12D
+        if USE_ASM:
+            # dp4a accumulating into the bits of 2^23: the float 2^23 + b, then one subtraction.
+            fb = tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 1258291200;", "=r,r", [x],
+                                           dtype=tl.uint32, is_pure=True, pack=1)
+            return fb.to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            return ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.float32)
+    else:
+        return _codebook(state, CODEBOOK, False, USE_ASM).to(tl.float32)
+
+
+@triton.jit
+def load_group_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
+    """Words -1 .. K of every 32-weight group of TA × TC tiles: a tuple of K + 2 uint32 [TA, TC, 8]."""
+    WORDS: tl.constexpr = 8 * K
+    a = tl.arange(0, TA)[:, None, None]
+    c = tl.arange(0, TC)[None, :, None]
+    g = tl.arange(0, 8)[None, None, :]
+    group = ((tile_a + a) * NT + (tile_c + c)) * WORDS  # [TA, TC, 1] first word of each tile
+    words = ()
+    for d in tl.static_range(-1, K + 1):
+        w = tl.load(tr_ptr + group + (g * K + d + WORDS) % WORDS)  # [TA, TC, 8], wrapping around the ring
+        words = words + (w.to(tl.uint32, bitcast=True),)
+    return words
+
+
+@triton.jit
+def group_state(words, P0: tl.constexpr, K: tl.constexpr, USE_ASM: tl.constexpr):
+    """State of weight p = 32g + P0 in every group (uint32 [TA, TC, 8])."""
     start: tl.constexpr = (P0 + 1) * K - 16  # first bit of the window relative to the group (>= -15)
     d: tl.constexpr = (start + 32) // 32 - 1  # which word holds it: -1 .. K-1
     off: tl.constexpr = start - 32 * d
-    state = _window(words[d + 1], words[d + 2], off, USE_ASM)
-    return _codebook(state, CODEBOOK, RAW_MUL1, USE_ASM)
+    return _window(words[d + 1], words[d + 2], off, USE_ASM)
+
+
+@triton.jit
+def _leaf(words, P0: tl.constexpr, K: tl.constexpr, CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr,
+          USE_ASM: tl.constexpr):
+    """Weight p = 32g + P0 of every group: its window starts at a fixed offset from the group's words."""
+    return _codebook(group_state(words, P0, K, USE_ASM), CODEBOOK, RAW_MUL1, USE_ASM)
 
 
 # The join tree: p0 = 8·t0 + j with t0 = 2·t0_1 + t0_0 and j = 4·j2 + 2·j1 + j0. tl.join appends its
@@ -122,16 +159,7 @@ def decode_block(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, 
                  CODEBOOK: tl.constexpr, RAW_MUL1: tl.constexpr, USE_ASM: tl.constexpr):
     """Tiles [tile_a, tile_a+TA) × [tile_c, tile_c+TC) of a trellis with NT tile columns, as an fp16
     block [16·TA, 16·TC] in natural order. tr_ptr: the trellis viewed as int32 words (8·K per tile)."""
-    WORDS: tl.constexpr = 8 * K
-    a = tl.arange(0, TA)[:, None, None]
-    c = tl.arange(0, TC)[None, :, None]
-    g = tl.arange(0, 8)[None, None, :]
-    group = ((tile_a + a) * NT + (tile_c + c)) * WORDS  # [TA, TC, 1] first word of each tile
-    # Words -1 .. K relative to each group's first word g·K, wrapping around the tile's ring.
-    words = ()
-    for d in tl.static_range(-1, K + 1):
-        w = tl.load(tr_ptr + group + (g * K + d + WORDS) % WORDS)  # [TA, TC, 8]
-        words = words + (w.to(tl.uint32, bitcast=True),)
+    words = load_group_words(tr_ptr, tile_a, tile_c, NT, K, TA, TC)
     v = tl.join(_join_t0(words, 0, K, CODEBOOK, RAW_MUL1, USE_ASM),
                 _join_t0(words, 1, K, CODEBOOK, RAW_MUL1, USE_ASM))  # [TA, TC, 8, 2, 2, 2, 2, 2]
     v = tl.reshape(v, (TA, TC, 8, 2, 16))  # [a, c, g, j2, row]

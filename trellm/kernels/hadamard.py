@@ -28,7 +28,7 @@ def hadamard_128(device: torch.device, dtype: torch.dtype = torch.float16) -> to
 
 
 @triton.jit
-def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, M, K, stride_xm, stride_om, BM: tl.constexpr):
+def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, stride_xm, stride_om, BM: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)  # [BM]
     cols = pid_k * 128 + tl.arange(0, 128)  # [128]
@@ -37,8 +37,10 @@ def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, M, K, stride_xm, stride_om, B
     xs = (x.to(tl.float32) * tl.load(suh_ptr + cols).to(tl.float32)).to(tl.float16)
     r = tl.arange(0, 128)
     h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp16
-    y = tl.dot(xs, h)  # [BM, 128] fp32
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(tl.float16), mask=rows[:, None] < M)
+    y = tl.dot(xs, h).to(tl.float16)  # [BM, 128]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y, mask=rows[:, None] < M)
+    # Row sums of the rounded block: the mul1 matmul applies its codebook offset through them.
+    tl.store(sums_ptr + rows * tl.num_programs(1) + pid_k, tl.sum(y.to(tl.float32), axis=1), mask=rows < M)
 
 
 @triton.jit
@@ -58,15 +60,17 @@ def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, h_ptr, out_ptr, M, N, stride_ym, s
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def had_in(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
-    """x [m, k] (any float dtype, unit column stride), suh fp16 [k_pad] -> fp16 [m, k_pad]."""
+def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] (any float dtype, unit column stride), suh fp16 [k_pad] ->
+    (x' fp16 [m, k_pad], fp32 [m, k_pad/128] sums of x' over each 128-block)."""
     m, k = x.shape
     k_pad = suh.shape[0]
     assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad, (x.shape, x.stride(), suh.shape)
     out = torch.empty(m, k_pad, device=x.device, dtype=torch.float16)
+    sums = torch.empty(m, k_pad // 128, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, 16), k_pad // 128)
-    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, m, k, x.stride(0), out.stride(0), BM=16)
-    return out
+    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, x.stride(0), out.stride(0), BM=16)
+    return out, sums
 
 
 def had_out(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,9 +84,10 @@ def had_out(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: in
     return out
 
 
-def had_in_ref(x: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
+def had_in_ref(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xp = torch.nn.functional.pad(x.float(), (0, suh.shape[0] - x.shape[1]))
-    return had128(xp * suh.float()).to(torch.float16)
+    out = had128(xp * suh.float()).to(torch.float16)
+    return out, out.float().reshape(x.shape[0], -1, 128).sum(-1)
 
 
 def had_out_ref(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:

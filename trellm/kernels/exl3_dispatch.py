@@ -1,0 +1,50 @@
+"""Which EXL3 kernel runs a matmul, by device, batch size and format (CPU never gets here).
+
+    m == 1         had_in + the FMA decode-GEMV (no tensor cores, no layout conversion)
+    2 <= m <= 16   had_in + the tensor-core decode-GEMV
+    m > 16         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
+Half-integer K (optional in the format) takes the torch reference on the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from trellm.kernels.exl3_decode import dequantize
+from trellm.kernels.exl3_gemv import exl3_gemv
+from trellm.kernels.hadamard import had_in, had_out
+
+if TYPE_CHECKING:
+    from trellm.quant.exl3 import EXL3Linear
+
+SMALL_M = 16
+SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
+
+
+def exl3_matmul(x: torch.Tensor, layer: EXL3Linear) -> torch.Tensor:
+    """x [m, in_features] on CUDA -> [m, out_features] in x.dtype."""
+    if not float(layer.bits).is_integer():
+        return layer._forward_ref(x)
+    x = x.contiguous()
+    x_h, x_sums = had_in(x, layer.suh)
+    m = x.shape[0]
+    if m <= SMALL_M:
+        return exl3_gemv(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
+                         x.dtype)
+    return exl3_gemm_dequant(x_h, layer, x.dtype)
+
+
+def exl3_gemm_dequant(x_h: torch.Tensor, layer: EXL3Linear, dtype: torch.dtype) -> torch.Tensor:
+    """Large batches: decode Q column chunk by chunk (never the whole matrix) and let cuBLAS multiply."""
+    m = x_h.shape[0]
+    k_pad, n_pad = layer.k_pad, layer.n_pad
+    chunk = max(128, min(n_pad, SCRATCH_ELEMS // k_pad // 128 * 128))
+    y_h = torch.empty(m, n_pad, device=x_h.device, dtype=torch.float16)
+    scratch = torch.empty(k_pad * chunk, device=x_h.device, dtype=torch.float16)
+    for c0 in range(0, n_pad, chunk):
+        c1 = min(n_pad, c0 + chunk)
+        q = dequantize(layer.trellis, layer.codebook, cols=(c0, c1), out=scratch[: k_pad * (c1 - c0)].view(k_pad, c1 - c0))
+        torch.mm(x_h, q, out=y_h[:, c0:c1])
+    return had_out(y_h, layer.svh, layer.bias, layer.out_features, dtype)

@@ -1,0 +1,204 @@
+"""Fused EXL3 matmul for small batches (m <= 16: the decode path).
+
+    y = had128( had128(x ⊙ suh) · Q ) ⊙ svh + bias
+
+x' = had128(x ⊙ suh) comes from kernels/hadamard.py. This kernel decodes the
+trellis inside the K-loop (Q never exists in memory), multiplies on the tensor
+cores (tl.dot with the batch padded to 16 rows), and splits K across programs so
+that every SM has work for tall and wide shapes alike. Each program writes its
+partial sums to a workspace and bumps a per-column-block counter; the program
+that arrives last adds the partials and applies the output Hadamard, svh and the
+bias, so the whole matmul is one launch (plus the input transform).
+
+mul1 weights enter the product as h = 1024 + bytesum (exact in fp16) and the
+codebook's affine map is applied once at the end: Σ x·(C1·h + C2) = C1·Σ x·h + C2·Σ x.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from trellm.kernels.exl3_decode import (
+    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, decode_block, group_state, load_group_words,
+)
+from trellm.kernels.hadamard import hadamard_128
+from trellm.quant import exl3_format as fmt
+
+BM = 16  # tl.dot needs 16 rows; smaller batches are masked
+
+
+@triton.jit
+def _exl3_gemv_kernel(
+    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
+    K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+):
+    TC: tl.constexpr = 8  # 128 output columns per program: one Hadamard block
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16, 128), dtype=tl.float32)
+    tile0 = pid_s * tiles_per_split
+    for it in range(0, tiles_per_split, TA):
+        ks = (tile0 + it) * 16 + tl.arange(0, 16 * TA)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)  # [16, 16TA]
+        w = decode_block(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC, CODEBOOK, True, USE_ASM)  # [16TA, 128]
+        acc = tl.dot(x, w, acc)
+    cols = pid_n * 128 + tl.arange(0, 128)
+    if SPLITS > 1:
+        # Publish this split's partial sums; the last program of this column block finishes.
+        n_pad = NT * 16
+        tl.store(ws_ptr + (pid_s * 16 + rows[:, None]) * n_pad + cols[None, :], acc)
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            acc = tl.zeros((16, 128), dtype=tl.float32)
+            for s in range(SPLITS):
+                acc += tl.load(ws_ptr + (s * 16 + rows[:, None]) * n_pad + cols[None, :], cache_modifier=".cg")
+            tl.store(cnt_ptr + pid_n, 0)  # ready for the next call
+            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
+                      C1, C2, 0.0)
+    else:
+        _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
+                  C1, C2, 0.0)
+
+
+@triton.jit
+def _exl3_gemv_fma_kernel(
+    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
+    K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+):
+    """m = 1 without tensor cores: every decoded weight feeds one FFMA, accumulated per output
+    column in registers; no layout conversion. Same split-K fixup and epilogue as the MMA kernel."""
+    TC: tl.constexpr = 8
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    acc0 = tl.zeros((TA, TC, 8), dtype=tl.float32)  # columns 16c + g
+    acc1 = tl.zeros((TA, TC, 8), dtype=tl.float32)  # columns 16c + g + 8
+    tile0 = pid_s * tiles_per_split
+    a = tl.arange(0, TA)[:, None, None]
+    for it in range(0, tiles_per_split, TA):
+        words = load_group_words(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC)
+        xrow = x_ptr + (tile0 + it + a) * 16  # [TA, 1, 1]
+        for p0 in tl.static_range(32):
+            # p0 = 8·t0 + j: row 2·t0 + j0 + 8·j1 of the tile, column half j2.
+            row = 2 * (p0 // 8) + (p0 % 2) + 8 * ((p0 // 2) % 2)
+            w = _codebook_f32(group_state(words, p0, K, USE_ASM), CODEBOOK, USE_ASM)
+            xv = tl.load(xrow + row).to(tl.float32)
+            if (p0 // 4) % 2 == 0:
+                acc0 += w * xv
+            else:
+                acc1 += w * xv
+    # [TC, 8] per column half -> [1, 128] in natural column order 16c + 8·half + g.
+    s0 = tl.sum(acc0, axis=0)
+    s1 = tl.sum(acc1, axis=0)
+    accn = tl.reshape(tl.permute(tl.join(s0, s1), (0, 2, 1)), (1, 128))
+    rows = tl.arange(0, 16)
+    acc = tl.where(rows[:, None] == 0, accn, 0.0)  # [16, 128]: row 0 real, the rest padding
+    cols = pid_n * 128 + tl.arange(0, 128)
+    if SPLITS > 1:
+        n_pad = NT * 16
+        tl.store(ws_ptr + pid_s * n_pad + cols, tl.reshape(accn, (128,)))
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            tot = tl.zeros((128,), dtype=tl.float32)
+            for s in range(SPLITS):
+                tot += tl.load(ws_ptr + s * n_pad + cols, cache_modifier=".cg")
+            tl.store(cnt_ptr + pid_n, 0)
+            acc = tl.where(rows[:, None] == 0, tl.reshape(tot, (1, 128)), 0.0)
+            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
+                      HAS_BIAS, C1, C2, 1024.0)
+    else:
+        _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
+                  HAS_BIAS, C1, C2, 1024.0)
+
+
+@triton.jit
+def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
+              CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+              RAW_OFFSET: tl.constexpr):
+    rows = tl.arange(0, 16)
+    if CODEBOOK == 0:
+        # mul1: acc holds Σ x'·h and the weights are C1·h + C2 (module docstring); had_in left Σ x'
+        # per 128-block of each row.
+        xs = tl.zeros((16,), dtype=tl.float32)
+        for b in range(k_blocks):
+            xs += tl.load(xsum_ptr + rows * k_blocks + b, mask=rows < M, other=0.0)
+        # RAW_OFFSET: 0 when acc already holds Σ x'·h, 1024 when it holds Σ x'·b (h = 1024 + b).
+        acc = acc * C1 + xs[:, None] * (C2 + C1 * RAW_OFFSET)
+    r = tl.arange(0, 128)
+    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
+    y = tl.dot(acc, h, input_precision="tf32") * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, partial_floats: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial-sum buffer and zeroed counters, shared by all layers on a device (calls are stream-ordered)."""
+    ws, cnt = _WORKSPACES.get(device, (None, None))
+    if ws is None or ws.numel() < partial_floats or cnt.numel() < blocks:
+        ws = torch.empty(max(partial_floats, 1 << 20), device=device, dtype=torch.float32)
+        cnt = torch.zeros(max(blocks, 4096), device=device, dtype=torch.int32)
+        _WORKSPACES[device] = (ws, cnt)
+    return ws, cnt
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int) -> int:
+    """K-splits so that n_blocks × splits fills the GPU ~3 programs deep; splits divide the K chunks."""
+    chunks = k_tiles // ta
+    want = max(1, round(3 * sms / n_blocks))
+    divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
+    return min(divisors, key=lambda d: (abs(d - want), d))
+
+
+def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
+              bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, splits: int | None = None,
+              ta: int = 8, use_asm: bool | None = None, num_warps: int = 4, fma: bool | None = None) -> torch.Tensor:
+    """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype."""
+    m, k_pad = x_h.shape
+    kt, nt, depth = trellis.shape
+    assert m <= BM and k_pad == kt * 16 and x_h.stride(1) == 1 and x_h.dtype == torch.float16
+    if depth % 16 or not 1 <= depth // 16 <= 8:
+        raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
+    n_blocks = nt // 8
+    if splits is None:
+        splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device))
+    assert (kt // ta) % splits == 0, (kt, ta, splits)
+    ws, cnt = _workspace(x_h.device, splits * BM * nt * 16, n_blocks)
+    y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
+    use_asm = x_h.is_cuda if use_asm is None else use_asm
+    fma = m == 1 if fma is None else fma
+    assert not fma or m == 1, "the FMA kernel handles one row"
+    kernel = _exl3_gemv_fma_kernel if fma else _exl3_gemv_kernel
+    kernel[(n_blocks, splits)](
+        x_h, x_sums, trellis.view(torch.int32), svh, bias if bias is not None else svh,
+        hadamard_128(x_h.device, torch.float32), y, ws, cnt,
+        m, n, nt, x_h.stride(0), y.stride(0), kt // splits, kt // 8,
+        K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, SPLITS=splits, HAS_BIAS=bias is not None,
+        USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2, num_warps=num_warps,
+    )
+    return y
+
+
+def exl3_gemv_ref(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
+                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The same function in torch: had128(x_h · Q) ⊙ svh + bias, fp32 math."""
+    y = fmt.had128(x_h.float() @ fmt.decode_trellis(trellis, codebook).float()) * svh.float()
+    y = y[:, :n]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
