@@ -168,30 +168,37 @@ def decode_block(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, 
 
 
 @triton.jit
-def _dequant_kernel(tr_ptr, q_ptr, NT, N_OUT, col0, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr,
-                    CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
+def _dequant_kernel(tr_ptr, q_ptr, NT, K_TOTAL, N_OUT, col0, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr,
+                    CODEBOOK: tl.constexpr, TRANSPOSED: tl.constexpr, USE_ASM: tl.constexpr):
     pid_a, pid_c = tl.program_id(0), tl.program_id(1)
     q = decode_block(tr_ptr, pid_a * TA, col0 // 16 + pid_c * TC, NT, K, TA, TC, CODEBOOK, False, USE_ASM)
     rows = pid_a * TA * 16 + tl.arange(0, 16 * TA)
     cols = pid_c * TC * 16 + tl.arange(0, 16 * TC)
-    tl.store(q_ptr + rows[:, None] * N_OUT + cols[None, :], q)
+    if TRANSPOSED:
+        # Q^T [n, k]: each thread holds 16 consecutive rows of a column, so these stores vectorize.
+        tl.store(q_ptr + cols[None, :] * K_TOTAL + rows[:, None], q)
+    else:
+        tl.store(q_ptr + rows[:, None] * N_OUT + cols[None, :], q)
 
 
 def dequantize(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | None = None,
-               out: torch.Tensor | None = None, use_asm: bool | None = None) -> torch.Tensor:
-    """Q (fp16 [k, n], or columns cols[0]:cols[1], multiples of 128) decoded on the device; bit-exact."""
+               out: torch.Tensor | None = None, transposed: bool = False, use_asm: bool | None = None
+               ) -> torch.Tensor:
+    """Q (fp16 [k, n], or Q^T [n, k] with transposed=True; columns cols[0]:cols[1], multiples of 128)
+    decoded on the device, bit-exact."""
     kt, nt, depth = trellis.shape
     if depth % 16 or not 1 <= depth // 16 <= 8:
         raise ValueError(f"the Triton decoder handles integer K = 1..8, got trellis depth {depth}")
     c0, c1 = cols if cols is not None else (0, nt * 16)
     assert c0 % 128 == 0 and c1 % 128 == 0 and c1 <= nt * 16
-    q = out if out is not None else torch.empty(kt * 16, c1 - c0, device=trellis.device, dtype=torch.float16)
-    assert q.shape == (kt * 16, c1 - c0) and q.is_contiguous()
+    shape = (c1 - c0, kt * 16) if transposed else (kt * 16, c1 - c0)
+    q = out if out is not None else torch.empty(shape, device=trellis.device, dtype=torch.float16)
+    assert q.shape == shape and q.is_contiguous()
     ta, tc = 4, 8
     use_asm = trellis.device.type == "cuda" if use_asm is None else use_asm
     grid = (kt // ta, (c1 - c0) // (16 * tc))
-    _dequant_kernel[grid](trellis.view(torch.int32), q, nt, c1 - c0, c0, K=depth // 16, TA=ta, TC=tc,
-                          CODEBOOK=CODEBOOK_IDS[codebook], USE_ASM=use_asm)
+    _dequant_kernel[grid](trellis.view(torch.int32), q, nt, kt * 16, c1 - c0, c0, K=depth // 16, TA=ta, TC=tc,
+                          CODEBOOK=CODEBOOK_IDS[codebook], TRANSPOSED=transposed, USE_ASM=use_asm)
     return q
 
 

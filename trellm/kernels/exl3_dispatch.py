@@ -45,6 +45,8 @@ def exl3_gemm_dequant(x_h: torch.Tensor, layer: EXL3Linear, dtype: torch.dtype) 
     scratch = torch.empty(k_pad * chunk, device=x_h.device, dtype=torch.float16)
     for c0 in range(0, n_pad, chunk):
         c1 = min(n_pad, c0 + chunk)
-        q = dequantize(layer.trellis, layer.codebook, cols=(c0, c1), out=scratch[: k_pad * (c1 - c0)].view(k_pad, c1 - c0))
-        torch.mm(x_h, q, out=y_h[:, c0:c1])
+        # Q^T chunk [c1 - c0, k_pad]: the decoder writes it with wide stores; cuBLAS reads it transposed.
+        q_t = dequantize(layer.trellis, layer.codebook, cols=(c0, c1), transposed=True,
+                         out=scratch[: k_pad * (c1 - c0)].view(c1 - c0, k_pad))
+        torch.mm(x_h, q_t.t(), out=y_h[:, c0:c1])
     return had_out(y_h, layer.svh, layer.bias, layer.out_features, dtype)

@@ -36,7 +36,7 @@ def _exl3_gemv_kernel(
     x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
 ):
     TC: tl.constexpr = 8  # 128 output columns per program: one Hadamard block
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -56,14 +56,14 @@ def _exl3_gemv_kernel(
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if done == SPLITS - 1:
             acc = tl.zeros((16, 128), dtype=tl.float32)
-            for s in range(SPLITS):
+            for s in tl.static_range(SPLITS):  # unrolled: all loads in flight at once
                 acc += tl.load(ws_ptr + (s * 16 + rows[:, None]) * n_pad + cols[None, :], cache_modifier=".cg")
             tl.store(cnt_ptr + pid_n, 0)  # ready for the next call
             _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
-                      C1, C2, 0.0)
+                      C1, C2, 0.0, KB_P2)
     else:
         _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
-                  C1, C2, 0.0)
+                  C1, C2, 0.0, KB_P2)
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def _exl3_gemv_fma_kernel(
     x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, PREFETCH: tl.constexpr,
+    KB_P2: tl.constexpr,
 ):
     """m = 1 without tensor cores: every decoded weight feeds one FFMA, accumulated per output
     column in registers; no layout conversion. Same split-K fixup and epilogue as the MMA kernel."""
@@ -81,8 +82,15 @@ def _exl3_gemv_fma_kernel(
     acc1 = tl.zeros((TA, TC, 8), dtype=tl.float32)  # columns 16c + g + 8
     tile0 = pid_s * tiles_per_split
     a = tl.arange(0, TA)[:, None, None]
+    words = load_group_words(tr_ptr, tile0, pid_n * TC, NT, K, TA, TC)
     for it in range(0, tiles_per_split, TA):
-        words = load_group_words(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC)
+        if PREFETCH:
+            # Issue the next iteration's loads before decoding this one (the last one reloads itself).
+            nxt = tl.minimum(it + TA, tiles_per_split - TA)
+            words_next = load_group_words(tr_ptr, tile0 + nxt, pid_n * TC, NT, K, TA, TC)
+        else:
+            words_next = load_group_words(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC)
+            words = words_next
         xrow = x_ptr + (tile0 + it + a) * 16  # [TA, 1, 1]
         for p0 in tl.static_range(32):
             # p0 = 8·t0 + j: row 2·t0 + j0 + 8·j1 of the tile, column half j2.
@@ -93,6 +101,7 @@ def _exl3_gemv_fma_kernel(
                 acc0 += w * xv
             else:
                 acc1 += w * xv
+        words = words_next
     # [TC, 8] per column half -> [1, 128] in natural column order 16c + 8·half + g.
     s0 = tl.sum(acc0, axis=0)
     s1 = tl.sum(acc1, axis=0)
@@ -106,28 +115,28 @@ def _exl3_gemv_fma_kernel(
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if done == SPLITS - 1:
             tot = tl.zeros((128,), dtype=tl.float32)
-            for s in range(SPLITS):
+            for s in tl.static_range(SPLITS):
                 tot += tl.load(ws_ptr + s * n_pad + cols, cache_modifier=".cg")
             tl.store(cnt_ptr + pid_n, 0)
             acc = tl.where(rows[:, None] == 0, tl.reshape(tot, (1, 128)), 0.0)
             _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                      HAS_BIAS, C1, C2, 1024.0)
+                      HAS_BIAS, C1, C2, 1024.0, KB_P2)
     else:
         _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                  HAS_BIAS, C1, C2, 1024.0)
+                  HAS_BIAS, C1, C2, 1024.0, KB_P2)
 
 
 @triton.jit
 def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
               CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-              RAW_OFFSET: tl.constexpr):
+              RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr):
     rows = tl.arange(0, 16)
     if CODEBOOK == 0:
         # mul1: acc holds Σ x'·h and the weights are C1·h + C2 (module docstring); had_in left Σ x'
         # per 128-block of each row.
-        xs = tl.zeros((16,), dtype=tl.float32)
-        for b in range(k_blocks):
-            xs += tl.load(xsum_ptr + rows * k_blocks + b, mask=rows < M, other=0.0)
+        b = tl.arange(0, KB_P2)
+        xs = tl.sum(tl.load(xsum_ptr + rows[:, None] * k_blocks + b[None, :],
+                            mask=(rows[:, None] < M) & (b[None, :] < k_blocks), other=0.0), axis=1)  # one load
         # RAW_OFFSET: 0 when acc already holds Σ x'·h, 1024 when it holds Σ x'·b (h = 1024 + b).
         acc = acc * C1 + xs[:, None] * (C2 + C1 * RAW_OFFSET)
     r = tl.arange(0, 128)
@@ -157,39 +166,43 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int) -> int:
+def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int, scale: float = 1.0) -> int:
     """K-splits so that n_blocks × splits fills the GPU ~3 programs deep; splits divide the K chunks."""
     chunks = k_tiles // ta
-    want = max(1, round(3 * sms / n_blocks))
+    want = max(1, round(3 * scale * sms / n_blocks))
     divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
     return min(divisors, key=lambda d: (abs(d - want), d))
 
 
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, splits: int | None = None,
-              ta: int = 8, use_asm: bool | None = None, num_warps: int = 4, fma: bool | None = None) -> torch.Tensor:
+              ta: int | None = None, use_asm: bool | None = None, num_warps: int | None = None,
+              fma: bool | None = None, prefetch: bool = True, split_scale: float = 1.0) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype."""
     m, k_pad = x_h.shape
     kt, nt, depth = trellis.shape
     assert m <= BM and k_pad == kt * 16 and x_h.stride(1) == 1 and x_h.dtype == torch.float16
     if depth % 16 or not 1 <= depth // 16 <= 8:
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
+    fma = m == 1 if fma is None else fma
+    assert not fma or m == 1, "the FMA kernel handles one row"
+    ta = ta if ta is not None else (4 if fma else 8)
+    num_warps = num_warps if num_warps is not None else (8 if fma else 4)
     n_blocks = nt // 8
     if splits is None:
-        splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device))
+        splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device), split_scale)
     assert (kt // ta) % splits == 0, (kt, ta, splits)
     ws, cnt = _workspace(x_h.device, splits * BM * nt * 16, n_blocks)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     use_asm = x_h.is_cuda if use_asm is None else use_asm
-    fma = m == 1 if fma is None else fma
-    assert not fma or m == 1, "the FMA kernel handles one row"
-    kernel = _exl3_gemv_fma_kernel if fma else _exl3_gemv_kernel
+    kernel, extra = (_exl3_gemv_fma_kernel, {"PREFETCH": prefetch}) if fma else (_exl3_gemv_kernel, {})
     kernel[(n_blocks, splits)](
         x_h, x_sums, trellis.view(torch.int32), svh, bias if bias is not None else svh,
         hadamard_128(x_h.device, torch.float32), y, ws, cnt,
         m, n, nt, x_h.stride(0), y.stride(0), kt // splits, kt // 8,
         K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, SPLITS=splits, HAS_BIAS=bias is not None,
-        USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2, num_warps=num_warps,
+        USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2, KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps,
+        **extra,
     )
     return y
 
