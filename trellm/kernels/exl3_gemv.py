@@ -177,7 +177,7 @@ def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int, scale: float =
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, splits: int | None = None,
               ta: int | None = None, use_asm: bool | None = None, num_warps: int | None = None,
-              fma: bool | None = None, prefetch: bool = True, split_scale: float = 1.0) -> torch.Tensor:
+              fma: bool | None = None, prefetch: bool = True, split_scale: float | None = None) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype."""
     m, k_pad = x_h.shape
     kt, nt, depth = trellis.shape
@@ -186,8 +186,13 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
     fma = m == 1 if fma is None else fma
     assert not fma or m == 1, "the FMA kernel handles one row"
-    ta = ta if ta is not None else (4 if fma else 8)
-    num_warps = num_warps if num_warps is not None else (8 if fma else 4)
+    # Defaults from benchmarks/tune_exl3.py on an H100 (benchmarks/RESULTS.md): low K wants big
+    # iterations and 8 warps; K >= 3 and the tensor-core kernel want two tile rows per iteration.
+    big = fma and depth // 16 <= 2
+    ta = ta if ta is not None else (8 if big else 2)
+    num_warps = num_warps if num_warps is not None else (8 if big else 4)
+    if split_scale is None:
+        split_scale = 1.0 if big else 2.0
     n_blocks = nt // 8
     if splits is None:
         splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device), split_scale)
