@@ -61,10 +61,10 @@ class EXL3Linear(LinearImpl):
         if trellis.dtype != torch.int16 or trellis.dim() != 3:
             raise TensorError(f"{where} must be an int16 tensor [k/16, n/16, 16*bits], got {trellis.dtype} "
                               f"{list(trellis.shape)}")
-        if trellis.shape[-1] % 16:
+        bits = fmt.bits_per_weight(trellis.shape[-1])
+        if trellis.shape[-1] % 16 and bits not in fmt.HALF_BITS:
             raise TensorError(f"{where} has last dimension {trellis.shape[-1]}, not a multiple of 16 "
                               "(16 int16 words per bit of the 16x16 tile); the file is corrupt")
-        bits = fmt.bits_per_weight(trellis.shape[-1])
         if bits not in SUPPORTED_BITS:
             raise TensorError(f"{where} encodes {bits:g} bits per weight; EXL3 supports 1..8 "
                               f"(and {', '.join(map(str, fmt.HALF_BITS))} with the mul1 codebook)")
