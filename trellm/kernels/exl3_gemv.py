@@ -177,7 +177,8 @@ def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int, scale: float =
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, splits: int | None = None,
               ta: int | None = None, use_asm: bool | None = None, num_warps: int | None = None,
-              fma: bool | None = None, prefetch: bool = True, split_scale: float | None = None) -> torch.Tensor:
+              fma: bool | None = None, prefetch: bool = True, split_scale: float | None = None,
+              maxnreg: int | None = None) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype."""
     m, k_pad = x_h.shape
     kt, nt, depth = trellis.shape
@@ -201,6 +202,8 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     use_asm = x_h.is_cuda if use_asm is None else use_asm
     kernel, extra = (_exl3_gemv_fma_kernel, {"PREFETCH": prefetch}) if fma else (_exl3_gemv_kernel, {})
+    if maxnreg is not None:
+        extra["maxnreg"] = maxnreg  # register cap: more resident warps to hide load latency
     kernel[(n_blocks, splits)](
         x_h, x_sums, trellis.view(torch.int32), svh, bias if bias is not None else svh,
         hadamard_128(x_h.device, torch.float32), y, ws, cnt,
