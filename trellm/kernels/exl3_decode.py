@@ -99,11 +99,25 @@ def load_group_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constex
     c = tl.arange(0, TC)[None, :, None]
     g = tl.arange(0, 8)[None, None, :]
     group = ((tile_a + a) * NT + (tile_c + c)) * WORDS  # [TA, TC, 1] first word of each tile
-    words = ()
-    for d in tl.static_range(-1, K + 1):
-        w = tl.load(tr_ptr + group + (g * K + d + WORDS) % WORDS)  # [TA, TC, 8], wrapping around the ring
-        words = words + (w.to(tl.uint32, bitcast=True),)
-    return words
+    prev = tl.load(tr_ptr + group + (g * K + WORDS - 1) % WORDS).to(tl.uint32, bitcast=True)  # word -1 (wraps)
+    nxt = tl.load(tr_ptr + group + (g * K + K) % WORDS).to(tl.uint32, bitcast=True)  # word K (wraps)
+    if K == 2 or K == 4:
+        # The group's own K words are contiguous and aligned: one wide load, split in registers.
+        d = tl.arange(0, K)[None, None, None, :]
+        own = tl.load(tr_ptr + group[:, :, :, None] + g[:, :, :, None] * K + d).to(tl.uint32, bitcast=True)
+        if K == 2:
+            w0, w1 = tl.split(own)
+            return (prev, w0, w1, nxt)
+        else:
+            lo, hi = tl.split(tl.reshape(own, (TA, TC, 8, 2, 2)))
+            w0, w2 = tl.split(lo)
+            w1, w3 = tl.split(hi)
+            return (prev, w0, w1, w2, w3, nxt)
+    else:
+        words = (prev,)
+        for d in tl.static_range(0, K):
+            words = words + (tl.load(tr_ptr + group + g * K + d).to(tl.uint32, bitcast=True),)
+        return words + (nxt,)
 
 
 @triton.jit
