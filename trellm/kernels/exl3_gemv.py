@@ -187,13 +187,12 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
     fma = m == 1 if fma is None else fma
     assert not fma or m == 1, "the FMA kernel handles one row"
-    # Defaults from benchmarks/tune_exl3.py on an H100 (benchmarks/RESULTS.md): low K wants big
-    # iterations and 8 warps; K >= 3 and the tensor-core kernel want two tile rows per iteration.
-    big = fma and depth // 16 <= 2
-    ta = ta if ta is not None else (8 if big else 2)
-    num_warps = num_warps if num_warps is not None else (8 if big else 4)
+    # Defaults from benchmarks/sweep_maxnreg.py / tune_exl3.py on an H100 (benchmarks/RESULTS.md):
+    # the FMA kernel wants 8 tile rows per iteration on 8 warps; the tensor-core kernel 2 on 4.
+    ta = ta if ta is not None else (8 if fma else 2)
+    num_warps = num_warps if num_warps is not None else (8 if fma else 4)
     if split_scale is None:
-        split_scale = 1.0 if big else 2.0
+        split_scale = 1.0 if fma else 2.0
     n_blocks = nt // 8
     if splits is None:
         splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device), split_scale)
