@@ -101,23 +101,26 @@ def load_group_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constex
     group = ((tile_a + a) * NT + (tile_c + c)) * WORDS  # [TA, TC, 1] first word of each tile
     prev = tl.load(tr_ptr + group + (g * K + WORDS - 1) % WORDS).to(tl.uint32, bitcast=True)  # word -1 (wraps)
     nxt = tl.load(tr_ptr + group + (g * K + K) % WORDS).to(tl.uint32, bitcast=True)  # word K (wraps)
-    if K == 2 or K == 4:
-        # The group's own K words are contiguous and aligned: one wide load, split in registers.
-        d = tl.arange(0, K)[None, None, None, :]
-        own = tl.load(tr_ptr + group[:, :, :, None] + g[:, :, :, None] * K + d).to(tl.uint32, bitcast=True)
-        if K == 2:
-            w0, w1 = tl.split(own)
-            return (prev, w0, w1, nxt)
+    # The group's own K words are contiguous: fetch them in the widest aligned chunks (16 bytes for
+    # K = 4, 8; 8 bytes for K = 2, 6; single words for odd K) and split the chunks in registers.
+    V: tl.constexpr = 4 if K % 4 == 0 else (2 if K % 2 == 0 else 1)
+    words = (prev,)
+    for chunk in tl.static_range(K // V):
+        base = tr_ptr + group + g * K + chunk * V  # [TA, TC, 8]
+        if V == 1:
+            words = words + (tl.load(base).to(tl.uint32, bitcast=True),)
         else:
-            lo, hi = tl.split(tl.reshape(own, (TA, TC, 8, 2, 2)))
-            w0, w2 = tl.split(lo)
-            w1, w3 = tl.split(hi)
-            return (prev, w0, w1, w2, w3, nxt)
-    else:
-        words = (prev,)
-        for d in tl.static_range(0, K):
-            words = words + (tl.load(tr_ptr + group + g * K + d).to(tl.uint32, bitcast=True),)
-        return words + (nxt,)
+            d = tl.arange(0, V)[None, None, None, :]
+            part = tl.load(base[:, :, :, None] + d).to(tl.uint32, bitcast=True)  # [TA, TC, 8, V]
+            if V == 2:
+                w0, w1 = tl.split(part)
+                words = words + (w0, w1)
+            else:
+                lo, hi = tl.split(tl.reshape(part, (TA, TC, 8, 2, 2)))  # lo = words 0, 2; hi = 1, 3
+                w0, w2 = tl.split(lo)
+                w1, w3 = tl.split(hi)
+                words = words + (w0, w1, w2, w3)
+    return words + (nxt,)
 
 
 @triton.jit
