@@ -91,12 +91,30 @@ def _exl3_gemv_fma_kernel(
         else:
             words_next = load_group_words(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC)
             words = words_next
-        xrow = x_ptr + (tile0 + it + a) * 16  # [TA, 1, 1]
+        # The tile row's 16 activations in one load, split into 16 register tensors [TA, 1, 1].
+        r = tl.arange(0, 16)[None, None, None, :]
+        x16 = tl.load(x_ptr + (tile0 + it + a)[:, :, :, None] * 16 + r).to(tl.float32)  # [TA, 1, 1, 16]
+        x16 = tl.reshape(x16, (TA, 1, 1, 2, 2, 2, 2))  # row bits 3, 2, 1, 0
+        xa, xb = tl.split(x16)  # bit 0
+        xaa, xab = tl.split(xa)  # bit 1
+        xba, xbb = tl.split(xb)
+        q0, q4 = tl.split(xaa)  # bit 2
+        q2, q6 = tl.split(xab)
+        q1, q5 = tl.split(xba)
+        q3, q7 = tl.split(xbb)
+        e0, e8 = tl.split(q0)
+        e4, e12 = tl.split(q4)
+        e2, e10 = tl.split(q2)
+        e6, e14 = tl.split(q6)
+        e1, e9 = tl.split(q1)
+        e5, e13 = tl.split(q5)
+        e3, e11 = tl.split(q3)
+        e7, e15 = tl.split(q7)
+        xr = (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
         for p0 in tl.static_range(32):
             # p0 = 8·t0 + j: row 2·t0 + j0 + 8·j1 of the tile, column half j2.
-            row = 2 * (p0 // 8) + (p0 % 2) + 8 * ((p0 // 2) % 2)
             w = _codebook_f32(group_state(words, p0, K, USE_ASM), CODEBOOK, USE_ASM)
-            xv = tl.load(xrow + row).to(tl.float32)
+            xv = xr[2 * (p0 // 8) + (p0 % 2) + 8 * ((p0 // 2) % 2)]
             if (p0 // 4) % 2 == 0:
                 acc0 += w * xv
             else:
