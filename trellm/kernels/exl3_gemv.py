@@ -2,10 +2,11 @@
 
     y = had128( had128(x ⊙ suh) · Q ) ⊙ svh + bias
 
-x' = had128(x ⊙ suh) comes from kernels/hadamard.py. This kernel decodes the
-trellis inside the K-loop (Q never exists in memory), multiplies on the tensor
-cores (tl.dot with the batch padded to 16 rows), and splits K across programs so
-that every SM has work for tall and wide shapes alike. Each program writes its
+x' = had128(x ⊙ suh) comes from kernels/hadamard.py. Both kernels here decode the
+trellis inside the K-loop (Q never exists in memory) and split K across programs so
+that every SM has work for tall and wide shapes alike. For one row, each decoded
+weight feeds one FFMA (`_exl3_gemv_fma_kernel`); for 2..16 rows the tensor cores
+multiply (`_exl3_gemv_kernel`, tl.dot with the batch padded to 16 rows). Each program writes its
 partial sums to a workspace and bumps a per-column-block counter; the program
 that arrives last adds the partials and applies the output Hadamard, svh and the
 bias, so the whole matmul is one launch (plus the input transform).
