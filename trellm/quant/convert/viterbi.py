@@ -1,0 +1,71 @@
+"""Trellis quantization of 256-weight tiles by Viterbi search (QUANTIZER.md, "Quantizing one linear" §5).
+
+States are 16-bit; state s' can follow s when s' = ((s << K) | new) & 0xFFFF, i.e. the top
+16 - K bits of s' are the low 16 - K bits of s. Every state has 2^K predecessors, and all
+states whose top bits agree share them, so one step is: for each of the 2^(16-K) groups take
+the cheapest of its 2^K predecessors, then add each state's own error (target - value)^2.
+
+Tail-biting (the stream is a ring, EXL3_FORMAT.md §3): pass 1 runs on the sequence rotated by
+128 so the wrap point sits mid-sequence and picks a good state there; pass 2 runs on the
+original order starting from that state and must end in it, which closes the ring.
+
+`viterbi_ref` is the torch reference, vectorised over tiles (CPU for tiny models, GPU fallback).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trellm.quant import exl3_format as fmt
+
+NUM_STATES = 1 << 16
+
+
+def _search(targets: torch.Tensor, values: torch.Tensor, bits: int, start: torch.Tensor | None) -> torch.Tensor:
+    """Best state sequence [T, L] for targets [T, L]; `start` [T] forces the state before step 0
+    (and the path must then end in it), None leaves both ends free."""
+    t, length = targets.shape
+    groups = NUM_STATES >> bits  # states sharing their predecessors: indexed by s' >> K
+    dev = targets.device
+    arange = torch.arange(NUM_STATES, device=dev)
+    back = torch.empty(length, t, groups, dtype=torch.uint8, device=dev)  # chosen high bits of the predecessor
+    if start is None:
+        cost = torch.zeros(t, NUM_STATES, device=dev)
+    else:
+        cost = torch.full((t, NUM_STATES), float("inf"), device=dev)
+        cost[torch.arange(t, device=dev), start] = 0.0
+    for p in range(length):
+        # Predecessor s of s' = (s << K | new): s = (hi << (16-K)) | (s' >> K), hi in [0, 2^K).
+        best, hi = cost.view(t, 1 << bits, groups).min(dim=1)  # [T, groups]
+        back[p] = hi.to(torch.uint8)
+        err = (targets[:, p, None] - values[None, :]) ** 2  # [T, 65536]
+        cost = best.repeat_interleave(1 << bits, dim=1) + err  # state s' has group s' >> K
+    end = start if start is not None else cost.argmin(dim=1)  # [T]
+    states = torch.empty(t, length, dtype=torch.int64, device=dev)
+    s = end.clone()
+    rows = torch.arange(t, device=dev)
+    for p in range(length - 1, -1, -1):
+        states[:, p] = s
+        hi = back[p][rows, s >> bits].to(torch.int64)
+        s = (hi << (16 - bits)) | (s >> bits)
+    return states
+
+
+def viterbi_ref(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
+    """States [T, 256] (int64) of the closest trellis path to each row of targets [T, 256] (fp32).
+
+    With tail_biting the path is a ring (state 255 precedes state 0), as the format stores it."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    targets = targets.float()
+    values = fmt.codebook_lut(codebook, targets.device).float()
+    if not tail_biting:
+        return _search(targets, values, bits, None)
+    half = targets.shape[1] // 2
+    rotated = torch.roll(targets, -half, dims=1)  # position half comes first; the wrap point sits mid-way
+    wrap = _search(rotated, values, bits, None)[:, targets.shape[1] - half - 1]  # state at original p = L - 1
+    return _search(targets, values, bits, wrap)
+
+
+def decode_states(states: torch.Tensor, codebook: str) -> torch.Tensor:
+    return fmt.codebook_lut(codebook, states.device).float()[states]
