@@ -38,8 +38,8 @@ def _search(targets: torch.Tensor, values: torch.Tensor, bits: int, start: torch
         # Predecessor s of s' = (s << K | new): s = (hi << (16-K)) | (s' >> K), hi in [0, 2^K).
         best, hi = cost.view(t, 1 << bits, groups).min(dim=1)  # [T, groups]
         back[p] = hi.to(torch.uint8)
-        err = (targets[:, p, None] - values[None, :]) ** 2  # [T, 65536]
-        cost = best.repeat_interleave(1 << bits, dim=1) + err  # state s' has group s' >> K
+        cost = torch.sub(targets[:, p, None], values[None, :]).square_()  # [T, 65536] this step's errors
+        cost.view(t, groups, 1 << bits).add_(best[:, :, None])  # state s' = group·2^K + new bits
     end = start if start is not None else cost.argmin(dim=1)  # [T]
     states = torch.empty(t, length, dtype=torch.int64, device=dev)
     s = end.clone()
