@@ -19,7 +19,7 @@ from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq
 from trellm.quant.convert.viterbi import decode_states, viterbi_ref
 from trellm.quant.exl3 import round_up
 
-SCALE_CANDIDATES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
+SCALE_CANDIDATES = (0.92, 1.0, 1.08)  # × the RMS of the rotated weights (codebook RMS ~1)
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _tiles_to_strip(seq: torch.Tensor) -> torch.Tensor:
     return tiles.permute(1, 0, 2).reshape(STRIP, -1)
 
 
-def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator, samples: int = 16) -> float:
+def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator, samples: int = 8) -> float:
     """Global scale g (target = Wr / g) minimising the trellis error on a sample of tiles."""
     k, n = wr.shape
     rms = float(wr.pow(2).mean().sqrt()) or 1.0
@@ -66,7 +66,7 @@ def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Ge
     best = None
     for f in SCALE_CANDIDATES:
         g = rms * f
-        q = decode_states(viterbi_ref(tiles / g, bits, codebook), codebook) * g
+        q = decode_states(viterbi_ref(tiles / g, bits, codebook, tail_biting=False), codebook) * g
         err = float((tiles - q).pow(2).mean())
         if best is None or err < best[0]:
             best = (err, g)

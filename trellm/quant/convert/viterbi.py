@@ -5,9 +5,10 @@ States are 16-bit; state s' can follow s when s' = ((s << K) | new) & 0xFFFF, i.
 states whose top bits agree share them, so one step is: for each of the 2^(16-K) groups take
 the cheapest of its 2^K predecessors, then add each state's own error (target - value)^2.
 
-Tail-biting (the stream is a ring, EXL3_FORMAT.md §3): pass 1 runs on the sequence rotated by
-128 so the wrap point sits mid-sequence and picks a good state there; pass 2 runs on the
-original order starting from that state and must end in it, which closes the ring.
+Tail-biting (the stream is a ring, EXL3_FORMAT.md §3): pass 1 runs across the wrap point (the
+end of the sequence followed by its start, as the ring rotated so the wrap sits mid-way) and
+picks a good state there; pass 2 runs on the original order starting from that state and must
+end in it, which closes the ring.
 
 `viterbi_ref` is the torch reference, vectorised over tiles (CPU for tiny models, GPU fallback).
 """
@@ -19,6 +20,7 @@ import torch
 from trellm.quant import exl3_format as fmt
 
 NUM_STATES = 1 << 16
+WRAP_CONTEXT = 48  # steps of context on each side of the wrap point for pass 1
 
 
 def _search(targets: torch.Tensor, values: torch.Tensor, bits: int, start: torch.Tensor | None) -> torch.Tensor:
@@ -61,9 +63,12 @@ def viterbi_ref(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting:
     values = fmt.codebook_lut(codebook, targets.device).float()
     if not tail_biting:
         return _search(targets, values, bits, None)
-    half = targets.shape[1] // 2
-    rotated = torch.roll(targets, -half, dims=1)  # position half comes first; the wrap point sits mid-way
-    wrap = _search(rotated, values, bits, None)[:, targets.shape[1] - half - 1]  # state at original p = L - 1
+    # Pass 1 only has to choose the state at the wrap point, and a state depends on little beyond
+    # its 16/K predecessors: WRAP_CONTEXT steps on each side of the wrap suffice.
+    length = targets.shape[1]
+    ctx = min(WRAP_CONTEXT, length // 2)
+    around = torch.cat([targets[:, length - ctx :], targets[:, :ctx]], dim=1)  # p = L-ctx .. L-1, 0 .. ctx-1
+    wrap = _search(around, values, bits, None)[:, ctx - 1]  # the state at original p = L - 1
     return _search(targets, values, bits, wrap)
 
 

@@ -1,0 +1,73 @@
+"""Calibration rows for the converter (QUANTIZER.md, pipeline §1).
+
+trellm ships no third-party text: rows come from the user's file, or from text the model
+itself generates from a few short neutral prompts, plus rows of random tokens so every
+vocabulary entry is exercised (the embedding and head see all of them). Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trellm.errors import ConfigError
+
+NEUTRAL_PROMPTS = (
+    "The history of", "In mathematics,", "def main():", "Once upon a time", "The following table",
+    "Recent research shows", "Dear team,", "Chapter 1",
+)
+RANDOM_FRACTION = 0.1  # share of rows made of uniformly random tokens
+
+
+def rows_from_text(tokenizer, text: str, rows: int, cols: int) -> torch.Tensor:
+    """Tokenize `text` whole and cut it into `rows` rows of `cols` tokens (wrapping around if short)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < cols:
+        raise ConfigError(f"the calibration text has {len(ids)} tokens; each row needs {cols}: give a longer file "
+                          "or fewer --cols")
+    need = rows * cols
+    reps = -(-need // len(ids))
+    return torch.tensor((ids * reps)[:need]).view(rows, cols)
+
+
+def random_rows(vocab_size: int, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (rows, cols), generator=generator)
+
+
+def generated_rows(model, tokenizer, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows the model writes itself: sampled continuations (temperature 1) of neutral prompts."""
+    from trellm.engine.generate import GenerationRequest, generate_tokens
+    from trellm.engine.sampling import SamplingParams
+
+    out = []
+    for i in range(rows):
+        prompt = tokenizer.encode(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)])
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        request = GenerationRequest(prompt[:cols], max_new_tokens=max(1, cols - len(prompt)),
+                                    sampling=SamplingParams(temperature=1.0, seed=seed))
+        ids = (prompt + list(generate_tokens(model, request)))[:cols]
+        while len(ids) < cols:  # stopped early: continue with random tokens
+            ids.append(int(torch.randint(0, model.config.vocab_size, (1,), generator=generator)))
+        out.append(ids)
+    return torch.tensor(out)
+
+
+def calibration_rows(model, tokenizer, *, rows: int, cols: int, text_file: str | Path | None, seed: int
+                     ) -> torch.Tensor:
+    """[rows, cols] token ids: the user's text (or model-generated text) plus ~10 % random-token rows."""
+    if rows < 1 or cols < 2:
+        raise ConfigError(f"calibration needs at least 1 row of 2 tokens, got {rows} × {cols}")
+    g = torch.Generator().manual_seed(seed)
+    n_random = max(1, round(rows * RANDOM_FRACTION)) if rows > 1 else 0
+    n_text = rows - n_random
+    if text_file is not None:
+        path = Path(text_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read calibration file {path}: {e.strerror or e}") from e
+        body = rows_from_text(tokenizer, text, n_text, cols)
+    else:
+        body = generated_rows(model, tokenizer, n_text, cols, g)
+    return torch.cat([body, random_rows(model.config.vocab_size, n_random, cols, g)]) if n_random else body

@@ -1,0 +1,325 @@
+"""The conversion job: unquantized model folder -> EXL3 folder, one decoder layer at a time, resumable.
+
+For each layer (QUANTIZER.md, pipeline): run the calibration states through the ORIGINAL
+layer collecting each linear's input Hessian (q/k/v and gate/up share theirs), quantize the
+layer's linears, then run the states through the QUANTIZED layer to feed the next one. The
+head comes last, with its own bit width, from the final norm's output.
+
+WORKDIR holds the job: job.json (arguments and progress), the calibration token ids, the
+hidden states after the last finished layer, and one safetensors file per finished layer.
+Each is written to a temporary name and renamed, and job.json is updated last, so a crash
+at any moment resumes (`resume=True`) from the last finished layer and produces output
+identical to an uninterrupted run: every random choice derives from the seed and the
+layer's position, not from a running generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trellm.cache.contiguous import ContiguousKVCache
+from trellm.errors import ConfigError, TrellmError
+from trellm.io.hf_folder import read_model_config
+from trellm.io.safetensors import CheckpointReader
+from trellm.io.safetensors_writer import ShardedWriter, atomic_folder, write_json
+from trellm.io.tokenizer import Tokenizer
+from trellm.layers.linear import Linear
+from trellm.models.decoder import DecoderModel
+from trellm.models.loader import load_model
+from trellm.quant import exl3_format as fmt
+from trellm.quant.convert.bits import LinearSlot, allocate_bits, average_bits
+from trellm.quant.convert.calibration import calibration_rows
+from trellm.quant.convert.quantize import quantize_linear
+from trellm.quant.exl3 import EXL3Linear, round_up
+from trellm.quant.exl3_writer import WRITER_VERSION, linear_tensors
+
+log = logging.getLogger(__name__)
+
+JOB_VERSION = 1
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                "chat_template.jinja", "chat_template.json")
+
+
+class ConvertError(TrellmError):
+    """The conversion cannot start or continue (bad arguments, a WORKDIR from another job...)."""
+
+
+@dataclass
+class ConvertArgs:
+    input: str
+    output: str
+    workdir: str
+    bpw: float
+    head_bits: int = 6
+    codebook: str = "mul1"
+    calibration: str | None = None
+    rows: int = 250
+    cols: int = 2048
+    seed: int = 0
+    shard_bytes: int = 8 * 2**30
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= float(self.bpw) <= 8.0:
+            raise ConfigError(f"bits per weight must be between 1 and 8, got {self.bpw}")
+        if not 1 <= int(self.head_bits) <= 8:
+            raise ConfigError(f"head bits must be 1..8, got {self.head_bits}")
+        if self.codebook not in fmt.CODEBOOKS:
+            raise ConfigError(f"unknown codebook {self.codebook!r}; choose one of {', '.join(fmt.CODEBOOKS)}")
+        if self.rows < 1 or self.cols < 2:
+            raise ConfigError(f"calibration needs rows >= 1 and cols >= 2, got {self.rows} × {self.cols}")
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a WORKDIR to be resumed (output location may change)."""
+        d = dataclasses.asdict(self)
+        d.pop("output")
+        d.pop("workdir")
+        d["input"] = str(Path(self.input).resolve())
+        if self.calibration:
+            d["calibration_sha256"] = hashlib.sha256(Path(self.calibration).read_bytes()).hexdigest()
+        return d
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+# ---- small file helpers ------------------------------------------------------------------------------
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- the model's linears -------------------------------------------------------------------------------
+
+def _layer_linears(layer) -> list[Linear]:
+    return [m for m in layer.modules() if isinstance(m, Linear)]
+
+
+def _slots(model: DecoderModel) -> list[LinearSlot]:
+    return [LinearSlot(lin.name, i, round_up(lin.in_features, 128) * round_up(lin.out_features, 128))
+            for i, layer in enumerate(model.layers) for lin in _layer_linears(layer)]
+
+
+def _seed(base: int, layer: int, index: int) -> int:
+    return (base * 1_000_003 + layer * 9_973 + index * 101) % (2**31 - 1)
+
+
+# ---- calibration forward passes -----------------------------------------------------------------------
+
+def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: int,
+                   hooks: dict[str, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
+    """Run calibration states [R, C, hidden] through layer idx (in row batches); hooks see each linear's input."""
+    layer = model.layers[idx]
+    handles = []
+    for lin in _layer_linears(layer):
+        if hooks and lin.name in hooks:
+            fn = hooks[lin.name]
+            handles.append(lin.register_forward_pre_hook(lambda mod, args, fn=fn: fn(args[0])))
+    rows, cols, _ = states.shape
+    out = torch.empty_like(states)
+    positions = torch.arange(cols, device=states.device)[None]
+    rotary = model.rotary[layer.layer_type]
+    try:
+        with torch.no_grad():
+            for r0 in range(0, rows, batch):
+                h = states[r0 : r0 + batch]
+                cache = ContiguousKVCache(model.config, batch_size=h.shape[0], max_len=cols, device=h.device,
+                                          dtype=h.dtype)
+                cos, sin = rotary.cos_sin(positions.expand(h.shape[0], -1), cols, h.dtype)
+                out[r0 : r0 + batch] = layer(h, cos, sin, cache.step(cols))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out
+
+
+class _Hessian:
+    """Σ xᵀx over all tokens (float64), then the mean: the input statistics LDLQ weighs errors by."""
+
+    def __init__(self, k: int, device: torch.device):
+        self.sum = torch.zeros(k, k, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x.T @ x).double()
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+def _install(lin: Linear, q, device: torch.device) -> dict[str, torch.Tensor]:
+    """Swap a Linear's dense weights for the quantized ones; return the tensors to store."""
+    bias = lin.impl.bias if getattr(lin.impl, "bias", None) is not None else None
+    impl = EXL3Linear(lin.in_features, lin.out_features, bias is not None)
+    impl.set_tensors(q.trellis, suh=q.suh, svh=q.svh, codebook=q.codebook, bias=bias, name=lin.name, device=device)
+    lin.impl = impl
+    return linear_tensors(lin.name, q.trellis, q.suh, q.svh, q.codebook, impl.bias)
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+
+def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, device: str | None = None,
+            batch: int = 8, progress: Progress | None = None) -> Path:
+    """Convert args.input to an EXL3 folder at args.output; returns the output path."""
+    src, work, out = Path(args.input), Path(args.workdir), Path(args.output)
+    if not (src / "config.json").exists():
+        raise ConvertError(f"{src} is not a model folder (no config.json); pass the unquantized model's folder")
+    raw_config = read_model_config(src)
+    if raw_config.get("quantization_config"):
+        method = raw_config["quantization_config"].get("quant_method", "?")
+        raise ConvertError(f"{src} is already quantized ({method}); convert the unquantized original")
+    job_file = work / "job.json"
+    work.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = {"version": JOB_VERSION, "args": args.identity(), "finished": 0, "layer_stats": []}
+    if job_file.exists():
+        saved = json.loads(job_file.read_text())
+        if not resume:
+            raise ConvertError(f"{work} already holds a conversion job; pass -r/--resume to continue it, or choose "
+                               "an empty work folder")
+        if saved.get("args") != state["args"] and not force:
+            diff = sorted(k for k in set(saved.get("args", {})) | set(state["args"])
+                          if saved.get("args", {}).get(k) != state["args"].get(k))
+            raise ConvertError(f"{work} was started with different arguments ({', '.join(diff)}); resume with the "
+                               "same arguments, pass --force-resume to continue anyway, or use a new work folder")
+        state = saved
+    elif resume and any(work.iterdir()):
+        raise ConvertError(f"{work} has files but no job.json: it is not a trellm conversion folder")
+
+    t_start = time.perf_counter()
+    model = load_model(src, device=device, dtype="float32")
+    dev = model.device
+    cfg = model.config
+    slots = _slots(model)
+    bits = allocate_bits(slots, float(args.bpw), cfg.num_layers)
+    tokenizer = Tokenizer.from_folder(src)
+
+    ids_file = work / "calibration.safetensors"
+    if ids_file.exists():
+        ids = load_file(str(ids_file))["ids"]
+    else:
+        ids = calibration_rows(model, tokenizer, rows=args.rows, cols=args.cols, text_file=args.calibration,
+                               seed=args.seed)
+        _atomic_save({"ids": ids}, ids_file)
+    states_file = work / "states.safetensors"
+    done = int(state["finished"])
+    if done:
+        states = load_file(str(states_file))["states"].to(dev)
+        log.info("resuming after layer %d of %d", done, cfg.num_layers)
+    else:
+        with torch.no_grad():
+            states = model.embed(ids.to(dev))  # [R, C, hidden]
+
+    for idx in range(done, cfg.num_layers):
+        t0 = time.perf_counter()
+        layer = model.layers[idx]
+        linears = _layer_linears(layer)
+        hessians: dict[int, _Hessian] = {}
+        hooks: dict[str, Callable] = {}
+        shared: dict[str, int] = {}  # linear name -> id of the input it shares (q/k/v; gate/up)
+        for lin in linears:
+            group = lin.name.rsplit(".", 1)[0] + ("/qkv" if lin.name.endswith(("q_proj", "k_proj", "v_proj"))
+                                                  else "/gu" if lin.name.endswith(("gate_proj", "up_proj"))
+                                                  else "/" + lin.name)
+            key = hash(group)
+            shared[lin.name] = key
+            if key not in hessians:
+                hessians[key] = _Hessian(lin.in_features, dev)
+                hooks[lin.name] = hessians[key].add
+        reference = _layer_forward(model, idx, states, batch, hooks)
+        tensors: dict[str, torch.Tensor] = {}
+        proxies = {}
+        for j, lin in enumerate(linears):
+            h = hessians[shared[lin.name]].mean()
+            q = quantize_linear(lin.impl.dense_weight(), h, bits[lin.name], codebook=args.codebook,
+                                seed=_seed(args.seed, idx, j))
+            proxies[lin.name.rsplit(".", 1)[1]] = q.proxy_error
+            tensors |= _install(lin, q, dev)
+        states = _layer_forward(model, idx, states, batch)
+        err = float((states - reference).norm() / reference.norm().clamp_min(1e-30))
+        stats = {"layer": idx, "bits": {n.rsplit(".", 1)[1]: bits[n] for n in (lin.name for lin in linears)},
+                 "proxy": proxies, "rel_error": err, "seconds": round(time.perf_counter() - t0, 2)}
+        _atomic_save(tensors, work / f"layer_{idx:04d}.safetensors")
+        _atomic_save({"states": states}, states_file)
+        state["finished"] = idx + 1
+        state["layer_stats"] = [s for s in state["layer_stats"] if s["layer"] != idx] + [stats]
+        _atomic_json(state, job_file)
+        if progress:
+            progress({**stats, "num_layers": cfg.num_layers, "elapsed": time.perf_counter() - t_start})
+
+    head_file = work / "head.safetensors"
+    if not head_file.exists():
+        hessian = _Hessian(cfg.hidden_size, dev)
+        with torch.no_grad():
+            for r0 in range(0, states.shape[0], batch):
+                hessian.add(model.norm(states[r0 : r0 + batch]))
+        q = quantize_linear(model.lm_head.impl.dense_weight(), hessian.mean(), int(args.head_bits),
+                            codebook=args.codebook, seed=_seed(args.seed, cfg.num_layers, 0))
+        _atomic_save(linear_tensors("lm_head", q.trellis, q.suh, q.svh, q.codebook), head_file)
+        state["head"] = {"bits": int(args.head_bits), "proxy": q.proxy_error}
+        _atomic_json(state, job_file)
+        if progress:
+            progress({"layer": "head", "num_layers": cfg.num_layers, "proxy": {"lm_head": q.proxy_error},
+                      "elapsed": time.perf_counter() - t_start})
+
+    _write_output(args, src, out, work, raw_config, model, slots, bits, state)
+    log.info("converted %s -> %s in %.1f s", src, out, time.perf_counter() - t_start)
+    return out
+
+
+def _write_output(args: ConvertArgs, src: Path, out: Path, work: Path, raw_config: dict[str, Any],
+                  model: DecoderModel, slots: list[LinearSlot], bits: dict[str, int], state: dict[str, Any]) -> None:
+    reader = CheckpointReader(src)
+    linear_names = {s.name for s in slots} | {"lm_head"}
+    fused = set(model.spec.fused)
+
+    def is_linear_tensor(name: str) -> bool:
+        prefix = name.rsplit(".", 1)[0]
+        return prefix in linear_names or any(prefix.endswith("." + f) for f in fused)
+
+    qc = {"quant_method": "exl3", "version": WRITER_VERSION, "bits": round(average_bits(slots, bits), 4),
+          "head_bits": int(args.head_bits), "calibration": {"rows": args.rows, "cols": args.cols},
+          "out_scales": "always", "codebook": args.codebook}
+    config = dict(raw_config)
+    if config.get("quantization_config"):
+        config["original_quantization_config"] = config["quantization_config"]
+    config["quantization_config"] = qc
+    config["tie_word_embeddings"] = False  # the format always stores a quantized lm_head
+    with atomic_folder(out, overwrite=True) as tmp:
+        writer = ShardedWriter(tmp, shard_bytes=args.shard_bytes)
+        for name in reader.names():  # embeddings, norms: copied unchanged, in the source dtype
+            if not is_linear_tensor(name):
+                writer.add(name, reader.get(name))
+        for idx in range(model.config.num_layers):
+            for name, t in load_file(str(work / f"layer_{idx:04d}.safetensors")).items():
+                writer.add(name, t)
+        for name, t in load_file(str(work / "head.safetensors")).items():
+            writer.add(name, t)
+        writer.finish()
+        write_json(tmp / "config.json", config)
+        write_json(tmp / "quantization_config.json", {**qc, "layers": state.get("layer_stats", []),
+                                                      "head": state.get("head")})
+        for name in COPIED_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
