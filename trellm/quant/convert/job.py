@@ -235,14 +235,13 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
         t0 = time.perf_counter()
         layer = model.layers[idx]
         linears = _layer_linears(layer)
-        hessians: dict[int, _Hessian] = {}
+        hessians: dict[str, _Hessian] = {}
         hooks: dict[str, Callable] = {}
-        shared: dict[str, int] = {}  # linear name -> id of the input it shares (q/k/v; gate/up)
+        shared: dict[str, str] = {}  # linear name -> the input it reads (q/k/v share one, gate/up another)
         for lin in linears:
-            group = lin.name.rsplit(".", 1)[0] + ("/qkv" if lin.name.endswith(("q_proj", "k_proj", "v_proj"))
-                                                  else "/gu" if lin.name.endswith(("gate_proj", "up_proj"))
-                                                  else "/" + lin.name)
-            key = hash(group)
+            leaf = lin.name.rsplit(".", 1)[1]
+            key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                   "up_proj": "gate_up"}.get(leaf, leaf)
             shared[lin.name] = key
             if key not in hessians:
                 hessians[key] = _Hessian(lin.in_features, dev)
