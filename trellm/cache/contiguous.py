@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from trellm.errors import GenerationError
-from trellm.layers.attention import AttentionParams, attention_ref
+from trellm.layers.attention import AttentionParams, attention_mask, attention_ref
 from trellm.models.config import ModelConfig
 
 
@@ -38,6 +38,7 @@ class ContiguousKVCache:
 class _Step:
     def __init__(self, cache: ContiguousKVCache, start: int, num_tokens: int):
         self.cache, self.start, self.end = cache, start, start + num_tokens
+        self._masks: dict[int | None, torch.Tensor | None] = {}  # by window: shared by all layers of the step
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
@@ -47,4 +48,7 @@ class _Step:
         cv[:, :, self.start : self.end] = v.transpose(1, 2)
         keys = ck[:, :, : self.end].transpose(1, 2)  # [B, S, Hkv, D]
         values = cv[:, :, : self.end].transpose(1, 2)
-        return attention_ref(q, keys, values, self.start, params)
+        if params.window not in self._masks:
+            self._masks[params.window] = attention_mask(self.start, self.end - self.start, self.end, params.window,
+                                                        q.device)
+        return attention_ref(q, keys, values, self.start, params, self._masks[params.window])

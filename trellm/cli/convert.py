@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -48,7 +49,7 @@ def _progress_printer():
         proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
         print(f"layer {done}/{n}: {'/'.join(map(str, bits))} bits, output error {info['rel_error']:.4f} "
-              f"(SQNR {-20 * __import__('math').log10(max(info['rel_error'], 1e-12)):.1f} dB); proxy {proxies}  "
+              f"(SQNR {-20 * math.log10(max(info['rel_error'], 1e-12)):.1f} dB); proxy {proxies}  "
               f"[{info['seconds']:.1f} s, elapsed {elapsed:.0f} s, ~{remaining:.0f} s left]", file=sys.stderr)
 
     return show

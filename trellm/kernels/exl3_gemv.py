@@ -26,7 +26,7 @@ import triton.language as tl
 from trellm.kernels.exl3_decode import (
     CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, decode_block, group_state, load_group_words,
 )
-from trellm.kernels.hadamard import hadamard_128
+from trellm.kernels.hadamard import had_out_store, hadamard_128
 from trellm.quant import exl3_format as fmt
 
 BM = 16  # tl.dot needs 16 rows; smaller batches are masked
@@ -49,22 +49,8 @@ def _exl3_gemv_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)  # [16, 16TA]
         w = decode_block(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC, CODEBOOK, True, USE_ASM)  # [16TA, 128]
         acc = tl.dot(x, w, acc)
-    cols = pid_n * 128 + tl.arange(0, 128)
-    if SPLITS > 1:
-        # Publish this split's partial sums; the last program of this column block finishes.
-        n_pad = NT * 16
-        tl.store(ws_ptr + (pid_s * 16 + rows[:, None]) * n_pad + cols[None, :], acc)
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            acc = tl.zeros((16, 128), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):  # unrolled: all loads in flight at once
-                acc += tl.load(ws_ptr + (s * 16 + rows[:, None]) * n_pad + cols[None, :], cache_modifier=".cg")
-            tl.store(cnt_ptr + pid_n, 0)  # ready for the next call
-            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
-                      C1, C2, 0.0, KB_P2)
-    else:
-        _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK, HAS_BIAS,
-                  C1, C2, 0.0, KB_P2)
+    _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
+            k_blocks, CODEBOOK, SPLITS, HAS_BIAS, C1, C2, 0.0, KB_P2, 16)
 
 
 @triton.jit
@@ -127,22 +113,35 @@ def _exl3_gemv_fma_kernel(
     accn = tl.reshape(tl.permute(tl.join(s0, s1), (0, 2, 1)), (1, 128))
     rows = tl.arange(0, 16)
     acc = tl.where(rows[:, None] == 0, accn, 0.0)  # [16, 128]: row 0 real, the rest padding
+    _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
+            k_blocks, CODEBOOK, SPLITS, HAS_BIAS, C1, C2, 1024.0, KB_P2, 1)
+
+
+@triton.jit
+def _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
+            k_blocks, CODEBOOK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr,
+            C2: tl.constexpr, RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr, ROWS: tl.constexpr):
+    """Split-K fixup, then the epilogue. Each split publishes its partial sums (the first ROWS rows of
+    acc [16, 128]) and bumps the column block's counter; the program that arrives last adds them all,
+    resets the counter for the next call and writes the output."""
+    rows = tl.arange(0, 16)
     cols = pid_n * 128 + tl.arange(0, 128)
     if SPLITS > 1:
         n_pad = NT * 16
-        tl.store(ws_ptr + pid_s * n_pad + cols, tl.reshape(accn, (128,)))
+        keep = (rows[:, None] < ROWS) & (cols[None, :] >= 0)
+        tl.store(ws_ptr + (pid_s * 16 + rows[:, None]) * n_pad + cols[None, :], acc, mask=keep)
         done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
         if done == SPLITS - 1:
-            tot = tl.zeros((128,), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):
-                tot += tl.load(ws_ptr + s * n_pad + cols, cache_modifier=".cg")
-            tl.store(cnt_ptr + pid_n, 0)
-            acc = tl.where(rows[:, None] == 0, tl.reshape(tot, (1, 128)), 0.0)
+            acc = tl.zeros((16, 128), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):  # unrolled: all loads in flight at once
+                acc += tl.load(ws_ptr + (s * 16 + rows[:, None]) * n_pad + cols[None, :], mask=keep, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(cnt_ptr + pid_n, 0)  # ready for the next call
             _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                      HAS_BIAS, C1, C2, 1024.0, KB_P2)
+                      HAS_BIAS, C1, C2, RAW_OFFSET, KB_P2)
     else:
         _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                  HAS_BIAS, C1, C2, 1024.0, KB_P2)
+                  HAS_BIAS, C1, C2, RAW_OFFSET, KB_P2)
 
 
 @triton.jit
@@ -158,13 +157,7 @@ def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, st
                             mask=(rows[:, None] < M) & (b[None, :] < k_blocks), other=0.0), axis=1)  # one load
         # RAW_OFFSET: 0 when acc already holds Σ x'·h, 1024 when it holds Σ x'·b (h = 1024 + b).
         acc = acc * C1 + xs[:, None] * (C2 + C1 * RAW_OFFSET)
-    r = tl.arange(0, 128)
-    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
-    y = tl.dot(acc, h, input_precision="tf32") * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    had_out_store(acc, rows, cols, h_ptr, svh_ptr, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -185,6 +178,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+@functools.lru_cache(maxsize=None)  # called for every matmul of every decode step
 def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int, scale: float = 1.0) -> int:
     """K-splits so that n_blocks × splits fills the GPU ~3 programs deep; splits divide the K chunks."""
     chunks = k_tiles // ta
@@ -206,7 +200,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
     fma = m == 1 if fma is None else fma
     assert not fma or m == 1, "the FMA kernel handles one row"
-    # Defaults from benchmarks/sweep_maxnreg.py / tune_exl3.py on an H100 (benchmarks/RESULTS.md):
+    # Defaults from benchmarks/sweep_gemv.py / tune_exl3.py on an H100 (benchmarks/RESULTS.md):
     # the FMA kernel wants 8 tile rows per iteration on 8 warps; the tensor-core kernel 2 on 4.
     ta = ta if ta is not None else (8 if fma else 2)
     num_warps = num_warps if num_warps is not None else (8 if fma else 4)

@@ -44,20 +44,26 @@ def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, stride_xm, st
 
 
 @triton.jit
+def had_out_store(y, rows, cols, h_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """Store had128(y) ⊙ svh (+ bias) for a [rows, 128-column block] of y' (fp32): the output side of
+    every EXL3 matmul, shared by had_out and the fused GEMV's epilogue."""
+    r = tl.arange(0, 128)
+    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
+    z = tl.dot(y, h, input_precision="tf32") * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
 def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, h_ptr, out_ptr, M, N, stride_ym, stride_om,
                     BM: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * 128 + tl.arange(0, 128)
     y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=rows[:, None] < M, other=0.0)
-    r = tl.arange(0, 128)
-    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
-    z = tl.dot(y.to(tl.float32), h, input_precision="tf32")  # [BM, 128]
-    z = z * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    had_out_store(y.to(tl.float32), rows, cols, h_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS)
 
 
 def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,26 +39,37 @@ class AttentionBackend(Protocol):
         ...
 
 
+def attention_mask(q_start: int, t: int, s: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Bool [T, S]: query q_start + i sees key j when p - window < j <= p; None when every query
+    sees every key (one decoding token over a cache inside the window). Host integers only, so
+    building it never waits for the device."""
+    if q_start + t == s and t == 1 and (window is None or s <= window):
+        return None
+    q_pos = torch.arange(q_start, q_start + t, device=device)[:, None]  # [T, 1]
+    k_pos = torch.arange(s, device=device)[None, :]  # [1, S]
+    mask = k_pos <= q_pos  # [T, S]
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+_UNSET = object()
+
+
 def attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, params: AttentionParams
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, params: AttentionParams, mask=_UNSET
 ) -> torch.Tensor:
     """Reference attention with GQA, causal + sliding-window masking and soft-capping.
 
     q [B, T, H, D] holds the queries at positions q_start .. q_start+T-1; k, v [B, S, Hkv, D]
-    hold the keys at positions 0 .. S-1 (S >= q_start + T). A query at position p sees
-    the keys at positions p - window < kp <= p. Returns [B, T, H, D]. Positions are
-    host integers, so choosing the mask never waits for the device.
+    hold the keys at positions 0 .. S-1 (S >= q_start + T). Returns [B, T, H, D]. `mask` is
+    attention_mask(...) for these positions when the caller already has it (it is the same
+    for every layer of one step), else it is built here.
     """
     t, s = q.shape[1], k.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, len, D]
-    sees_all = q_start + t == s and t == 1 and (params.window is None or s <= params.window)
-    mask = None
-    if not sees_all:
-        q_pos = torch.arange(q_start, q_start + t, device=q.device)[:, None]  # [T, 1]
-        k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
-        mask = k_pos <= q_pos  # [T, S]
-        if params.window is not None:
-            mask &= k_pos > q_pos - params.window
+    if mask is _UNSET:
+        mask = attention_mask(q_start, t, s, params.window, q.device)
     if params.softcap is None and q.device.type != "cpu":
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=params.scale, enable_gqa=True)
         return out.transpose(1, 2)

@@ -112,6 +112,8 @@ class DecoderModel(nn.Module):
         self.embed_weight = source.get(
             "model.embed_tokens.weight", shape=(cfg.vocab_size, cfg.hidden_size), dtype=dtype, device=device
         )
+        # Gemma multiplies embeddings by sqrt(hidden) rounded to the model dtype.
+        self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype, device=device)
         norms: dict[str, RMSNorm] = {"model.norm": self.norm}
         for layer in self.layers:
             norms |= layer.named_norms()
@@ -133,8 +135,7 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = nn.functional.embedding(input_ids, self.embed_weight)  # [B, T, hidden]
         if self.spec.scale_embeddings:
-            # Gemma multiplies by sqrt(hidden) rounded to the model dtype.
-            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
+            h = h * self.embed_scale
         return h
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """Quick launch-shape sweep of the m = 1 decode-GEMV (CUDA-graph timing), for the kernel-tuning log.
 
-    python benchmarks/sweep_maxnreg.py
+    python benchmarks/sweep_gemv.py
 """
 
 from __future__ import annotations
