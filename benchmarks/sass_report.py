@@ -23,28 +23,28 @@ from trellm.kernels.exl3_decode import MUL1_C1, MUL1_C2
 
 SIGNATURE = {
     "x_ptr": "*fp16", "xsum_ptr": "*fp32", "tr_ptr": "*i32", "svh_ptr": "*fp16", "bias_ptr": "*fp16",
-    "h_ptr": "*fp32", "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "NT": "i32",
-    "stride_xm": "i32", "stride_ym": "i32", "tiles_per_split": "i32", "k_blocks": "i32", "K": "constexpr",
-    "CODEBOOK": "constexpr", "TA": "constexpr", "SPLITS": "constexpr", "HAS_BIAS": "constexpr",
-    "USE_ASM": "constexpr", "C1": "constexpr", "C2": "constexpr", "KB_P2": "constexpr",
+    "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "NT": "i32",
+    "stride_xm": "i32", "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
+    "K": "constexpr", "CODEBOOK": "constexpr", "TA": "constexpr", "FMA": "constexpr", "HAS_BIAS": "constexpr",
+    "USE_ASM": "constexpr", "C1": "constexpr", "C2": "constexpr", "KB_P2": "constexpr", "STAGES": "constexpr",
 }
-DIVISIBLE = ("NT", "stride_xm", "stride_ym", "tiles_per_split", "k_blocks")  # what launches specialise on
+DIVISIBLE = ("NT", "stride_xm", "stride_ym", "k_blocks", "U")  # what launches specialise on
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kind", choices=("fma", "mma"), default="fma")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--ta", type=int, default=8)
-    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--ta", type=int, default=16)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
-    fn = g._exl3_gemv_fma_kernel if args.kind == "fma" else g._exl3_gemv_kernel
-    sig = dict(SIGNATURE) | ({"PREFETCH": "constexpr"} if args.kind == "fma" else {})
-    consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "SPLITS": 4, "HAS_BIAS": False,
-              "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32} | (
-        {"PREFETCH": True} if args.kind == "fma" else {})
+    fn = g._exl3_gemv_kernel
+    sig = dict(SIGNATURE)
+    consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
+              "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32, "STAGES": args.stages}
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a].startswith("*") or a in DIVISIBLE}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -57,19 +57,24 @@ def main() -> None:
     out.with_suffix(".sass").write_text(sass)
     usage = subprocess.run([tools / "cuobjdump", "-res-usage", out.with_suffix(".cubin")], capture_output=True,
                            text=True, check=True).stdout
-    print(" ".join(line.strip() for line in usage.splitlines() if "REG" in line))
+    print(" ".join(line.strip() for line in usage.splitlines() if "REG" in line), "| dynamic shared:",
+          kernel.metadata.shared)
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]+);", sass)]
     loops = []
     for addr, text in ins:
         m = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
-    start, end = max(loops, key=lambda r: r[1] - r[0])
+    # The K-loop: the smallest loop that decodes (holds the codebook's dp4a/multiplies); the outer
+    # stream-K loop around it also holds the epilogue.
+    decode_op = "IDP" if args.codebook == 0 else "HADD2"
+    decoding = [(s, e) for s, e in loops if sum(1 for a, t in ins if s <= a <= e and decode_op in t) >= 16]
+    start, end = min(decoding, key=lambda r: r[1] - r[0])
     body = [re.sub(r"^@!?U?P\w+\s+", "", t.strip()).split()[0] for a, t in ins if start <= a <= end]
-    weights = args.ta * 8 * 8 * 32 // (args.warps * 32) if args.kind == "fma" else args.ta * 16 * 128 // (args.warps * 32)
+    weights = 256 if args.kind == "fma" else args.ta * 16 * 128 // (args.warps * 32)
     print(f"K-loop: {len(body)} instructions for {weights} weights per thread = {len(body) / weights:.2f} per weight")
     print(collections.Counter(op.split(".")[0] for op in body).most_common(20))
-    print("loads:", collections.Counter(op for op in body if op.startswith(("LDG", "LDS", "STS"))))
+    print("memory:", collections.Counter(op for op in body if op.startswith(("LDG", "LDS", "STS", "SHFL", "LDL", "STL"))))
 
 
 if __name__ == "__main__":

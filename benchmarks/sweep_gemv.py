@@ -1,37 +1,61 @@
-"""Quick launch-shape sweep of the m = 1 decode-GEMV (CUDA-graph timing), for the kernel-tuning log.
+"""Launch-shape sweep of the small-m stream-K decode-GEMV (CUDA-graph timing) for the kernel-tuning
+log in RESULTS.md; each variant is checked against the torch reference first.
 
-    python benchmarks/sweep_gemv.py
+    python benchmarks/sweep_gemv.py [--bits 2,4,8] [--m 1,16] [--configs 8x8,4x4,4x4x3]
+
+A config is TAxWARPSxSTAGES[xPROGRAMS_PER_SM]: tile rows per iteration, warps, pipeline stages of the
+FMA kernel's trellis loads, and (optionally) programs per SM instead of the count the compiled
+kernel's resources allow.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import torch
 
 from bench_gemm import make_layers, time_graph
-from trellm.kernels.exl3_gemv import exl3_gemv
+from trellm.kernels.exl3_gemv import _RESIDENT, exl3_gemv, exl3_gemv_ref
 from trellm.kernels.hadamard import had_in
-
-CONFIGS = [  # (tile rows per iteration, warps, register cap, split scale)
-    (2, 4, None, 2.0), (4, 4, None, 2.0), (4, 8, None, 1.0), (8, 8, None, 1.0), (8, 4, None, 1.0), (2, 8, None, 2.0),
-]
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--m", default="1")
+    ap.add_argument("--shapes", default="4096x14336,14336x4096,4096x4096")
+    ap.add_argument("--configs", default="16x4x2,16x4x1,16x4x3,8x2x2,32x8x2")
+    ap.add_argument("--probe", type=int, default=0, help="1: load floor, 2: decode floor (m = 1; wrong results)")
+    args = ap.parse_args()
     dev = torch.device("cuda")
-    for k, n in [(4096, 14336), (14336, 4096), (4096, 4096)]:
-        for bits in (2, 4, 3):
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        for bits in map(int, args.bits.split(",")):
             layers = make_layers(k, n, bits, max(2, math.ceil(150e6 / (k * n * bits / 8))), dev)
-            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-            xh, xs = had_in(x, layers[0].suh)
-            for ta, nw, mr, sc in CONFIGS:
-                t = time_graph([lambda lay=lay: exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n,
-                                                          torch.bfloat16, ta=ta, num_warps=nw, maxnreg=mr,
-                                                          split_scale=sc) for lay in layers])
-                print(json.dumps({"k": k, "n": n, "bits": bits, "ta": ta, "nw": nw, "maxnreg": mr, "split": sc,
-                                  "us": round(t, 2)}), flush=True)
+            for m in map(int, args.m.split(",")):
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                xh, xs = had_in(x, layers[0].suh)
+                ref = exl3_gemv_ref(xh, xs, layers[0].trellis, layers[0].svh, None, "mul1", n, torch.float32)
+                for config in args.configs.split(","):
+                    ta, nw, stages, *per_sm = map(int, config.split("x"))
+
+                    def fn(lay, ta=ta, nw=nw, stages=stages, per_sm=per_sm[0] if per_sm else None):
+                        return exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16, ta=ta,
+                                         num_warps=nw, per_sm=per_sm, stages=stages, probe=args.probe)
+
+                    try:
+                        err = ((fn(layers[0]).float() - ref).abs().max() / ref.abs().max()).item()
+                        t = time_graph([lambda lay=lay: fn(lay) for lay in layers])
+                    except Exception as e:  # a config the shape cannot take (e.g. TA not dividing the tile rows)
+                        print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config,
+                                          "error": str(e)[:200]}), flush=True)
+                        continue
+                    print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config, "probe": args.probe,
+                                      "us": round(t, 2), "err": round(err, 5)}), flush=True)
+    for key, per_sm in _RESIDENT.items():
+        print("resident per SM", per_sm, {k: v for k, v in key[1] if k in ("K", "TA", "FMA", "num_warps", "STAGES")})
 
 
 if __name__ == "__main__":

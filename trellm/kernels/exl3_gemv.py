@@ -2,14 +2,20 @@
 
     y = had128( had128(x ⊙ suh) · Q ) ⊙ svh + bias
 
-x' = had128(x ⊙ suh) comes from kernels/hadamard.py. Both kernels here decode the
-trellis inside the K-loop (Q never exists in memory) and split K across programs so
-that every SM has work for tall and wide shapes alike. For one row, each decoded
-weight feeds one FFMA (`_exl3_gemv_fma_kernel`); for 2..16 rows the tensor cores
-multiply (`_exl3_gemv_kernel`, tl.dot with the batch padded to 16 rows). Each program writes its
-partial sums to a workspace and bumps a per-column-block counter; the program
-that arrives last adds the partials and applies the output Hadamard, svh and the
-bias, so the whole matmul is one launch (plus the input transform).
+x' = had128(x ⊙ suh) comes from kernels/hadamard.py. One kernel, `_exl3_gemv_kernel`,
+decodes the trellis inside its K-loop (Q never exists in memory):
+- m = 1 (`_fma_span`): each thread owns one 16×16 tile per iteration. The tiles' words
+  arrive by coalesced, software-pipelined (cp.async) loads and move to their thread
+  through shared memory; every window is then cut from registers, and each decoded
+  weight feeds one FFMA into one of the tile's 16 column sums.
+- m = 2..16 (`_mma_span`): decoded [16·TA, 128] blocks feed the tensor cores (tl.dot,
+  the batch padded to 16 rows).
+Work is scheduled stream-K: the (column block × K-chunk) units are cut into exactly as
+many equal runs as the GPU holds programs at once, so no shape leaves SMs idle or runs a
+second partial wave. A program publishes the partial sums of each column block it
+touches in a fixed slot; the last one to finish a block adds the slots in order
+(deterministic), applies the output Hadamard, svh and the bias. The whole matmul is
+one launch (plus the input transform).
 
 mul1 weights enter the product as h = 1024 + bytesum (exact in fp16) and the
 codebook's affine map is applied once at the end: Σ x·(C1·h + C2) = C1·Σ x·h + C2·Σ x.
@@ -24,128 +30,16 @@ import triton
 import triton.language as tl
 
 from trellm.kernels.exl3_decode import (
-    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, decode_block, group_state, load_group_words,
+    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block,
 )
-from trellm.kernels.hadamard import had_out_store, hadamard_128
+from trellm.kernels.hadamard import had_out_store
 from trellm.quant import exl3_format as fmt
 
 BM = 16  # tl.dot needs 16 rows; smaller batches are masked
 
 
 @triton.jit
-def _exl3_gemv_kernel(
-    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
-    K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
-):
-    TC: tl.constexpr = 8  # 128 output columns per program: one Hadamard block
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, 16)
-    acc = tl.zeros((16, 128), dtype=tl.float32)
-    tile0 = pid_s * tiles_per_split
-    for it in range(0, tiles_per_split, TA):
-        ks = (tile0 + it) * 16 + tl.arange(0, 16 * TA)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)  # [16, 16TA]
-        w = decode_block(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC, CODEBOOK, True, USE_ASM)  # [16TA, 128]
-        acc = tl.dot(x, w, acc)
-    _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
-            k_blocks, CODEBOOK, SPLITS, HAS_BIAS, C1, C2, 0.0, KB_P2, 16)
-
-
-@triton.jit
-def _exl3_gemv_fma_kernel(
-    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, NT, stride_xm, stride_ym, tiles_per_split, k_blocks,
-    K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, PREFETCH: tl.constexpr,
-    KB_P2: tl.constexpr,
-):
-    """m = 1 without tensor cores: every decoded weight feeds one FFMA, accumulated per output
-    column in registers; no layout conversion. Same split-K fixup and epilogue as the MMA kernel."""
-    TC: tl.constexpr = 8
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    acc0 = tl.zeros((TA, TC, 8), dtype=tl.float32)  # columns 16c + g
-    acc1 = tl.zeros((TA, TC, 8), dtype=tl.float32)  # columns 16c + g + 8
-    tile0 = pid_s * tiles_per_split
-    a = tl.arange(0, TA)[:, None, None]
-    words = load_group_words(tr_ptr, tile0, pid_n * TC, NT, K, TA, TC)
-    for it in range(0, tiles_per_split, TA):
-        if PREFETCH:
-            # Issue the next iteration's loads before decoding this one (the last one reloads itself).
-            nxt = tl.minimum(it + TA, tiles_per_split - TA)
-            words_next = load_group_words(tr_ptr, tile0 + nxt, pid_n * TC, NT, K, TA, TC)
-        else:
-            words_next = load_group_words(tr_ptr, tile0 + it, pid_n * TC, NT, K, TA, TC)
-            words = words_next
-        # The tile row's 16 activations in one load, split into 16 register tensors [TA, 1, 1].
-        r = tl.arange(0, 16)[None, None, None, :]
-        x16 = tl.load(x_ptr + (tile0 + it + a)[:, :, :, None] * 16 + r).to(tl.float32)  # [TA, 1, 1, 16]
-        x16 = tl.reshape(x16, (TA, 1, 1, 2, 2, 2, 2))  # row bits 3, 2, 1, 0
-        xa, xb = tl.split(x16)  # bit 0
-        xaa, xab = tl.split(xa)  # bit 1
-        xba, xbb = tl.split(xb)
-        q0, q4 = tl.split(xaa)  # bit 2
-        q2, q6 = tl.split(xab)
-        q1, q5 = tl.split(xba)
-        q3, q7 = tl.split(xbb)
-        e0, e8 = tl.split(q0)
-        e4, e12 = tl.split(q4)
-        e2, e10 = tl.split(q2)
-        e6, e14 = tl.split(q6)
-        e1, e9 = tl.split(q1)
-        e5, e13 = tl.split(q5)
-        e3, e11 = tl.split(q3)
-        e7, e15 = tl.split(q7)
-        xr = (e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
-        for p0 in tl.static_range(32):
-            # p0 = 8·t0 + j: row 2·t0 + j0 + 8·j1 of the tile, column half j2.
-            w = _codebook_f32(group_state(words, p0, K, USE_ASM), CODEBOOK, USE_ASM)
-            xv = xr[2 * (p0 // 8) + (p0 % 2) + 8 * ((p0 // 2) % 2)]
-            if (p0 // 4) % 2 == 0:
-                acc0 += w * xv
-            else:
-                acc1 += w * xv
-        words = words_next
-    # [TC, 8] per column half -> [1, 128] in natural column order 16c + 8·half + g.
-    s0 = tl.sum(acc0, axis=0)
-    s1 = tl.sum(acc1, axis=0)
-    accn = tl.reshape(tl.permute(tl.join(s0, s1), (0, 2, 1)), (1, 128))
-    rows = tl.arange(0, 16)
-    acc = tl.where(rows[:, None] == 0, accn, 0.0)  # [16, 128]: row 0 real, the rest padding
-    _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
-            k_blocks, CODEBOOK, SPLITS, HAS_BIAS, C1, C2, 1024.0, KB_P2, 1)
-
-
-@triton.jit
-def _finish(acc, pid_n, pid_s, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, NT, stride_ym,
-            k_blocks, CODEBOOK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr,
-            C2: tl.constexpr, RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr, ROWS: tl.constexpr):
-    """Split-K fixup, then the epilogue. Each split publishes its partial sums (the first ROWS rows of
-    acc [16, 128]) and bumps the column block's counter; the program that arrives last adds them all,
-    resets the counter for the next call and writes the output."""
-    rows = tl.arange(0, 16)
-    cols = pid_n * 128 + tl.arange(0, 128)
-    if SPLITS > 1:
-        n_pad = NT * 16
-        keep = (rows[:, None] < ROWS) & (cols[None, :] >= 0)
-        tl.store(ws_ptr + (pid_s * 16 + rows[:, None]) * n_pad + cols[None, :], acc, mask=keep)
-        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            acc = tl.zeros((16, 128), dtype=tl.float32)
-            for s in tl.static_range(SPLITS):  # unrolled: all loads in flight at once
-                acc += tl.load(ws_ptr + (s * 16 + rows[:, None]) * n_pad + cols[None, :], mask=keep, other=0.0,
-                               cache_modifier=".cg")
-            tl.store(cnt_ptr + pid_n, 0)  # ready for the next call
-            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                      HAS_BIAS, C1, C2, RAW_OFFSET, KB_P2)
-    else:
-        _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
-                  HAS_BIAS, C1, C2, RAW_OFFSET, KB_P2)
-
-
-@triton.jit
-def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
+def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
               CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
               RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr):
     rows = tl.arange(0, 16)
@@ -157,7 +51,184 @@ def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, h_ptr, y_ptr, M, N, k_blocks, st
                             mask=(rows[:, None] < M) & (b[None, :] < k_blocks), other=0.0), axis=1)  # one load
         # RAW_OFFSET: 0 when acc already holds Σ x'·h, 1024 when it holds Σ x'·b (h = 1024 + b).
         acc = acc * C1 + xs[:, None] * (C2 + C1 * RAW_OFFSET)
-    had_out_store(acc, rows, cols, h_ptr, svh_ptr, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS)
+    had_out_store(acc, rows, cols, svh_ptr, bias_ptr, y_ptr, M, N, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _tile_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
+    """Every word of TA × TC tiles, one tile per thread: a tuple whose i-th entry is word i (uint32 [TA, TC])
+    of each tile. The load is coalesced (consecutive threads read consecutive 16-byte pieces); the
+    splits move the words to their tile's thread through shared memory, one round trip per tile."""
+    W: tl.constexpr = 8 * K
+    WP: tl.constexpr = 32 if K <= 4 else 64  # a power of two >= 8K; the extra words are masked off
+    LOG: tl.constexpr = 5 if K <= 4 else 6
+    a = tl.arange(0, TA)[:, None, None]
+    c = tl.arange(0, TC)[None, :, None]
+    w = tl.arange(0, WP)[None, None, :]
+    t = tl.load(tr_ptr + ((tile_a + a) * NT + tile_c + c) * W + w, mask=w < W, other=0).to(tl.uint32, bitcast=True)
+    return _unzip(t, TA, TC, WP, LOG, W)
+
+
+@triton.jit
+def _unzip(t, A: tl.constexpr, B: tl.constexpr, N: tl.constexpr, LOG: tl.constexpr, KEEP: tl.constexpr):
+    """[A, B, N] (N = 2^LOG) -> a tuple of its first KEEP slices [A, B] along the last dimension, each
+    held whole by the threads that hold its [A, B] position. Halving the last dimension LOG times and
+    ordering each level's halves as (evens of every part, odds of every part) leaves slice i at
+    tuple index i."""
+    parts = (t,)
+    for level in tl.static_range(LOG):
+        evens = ()
+        odds = ()
+        for q in tl.static_range(1 << level):
+            lo, hi = tl.split(tl.reshape(parts[q], (A, B, N >> (level + 1), 2)))
+            evens = evens + (lo,)
+            odds = odds + (hi,)
+        parts = evens + odds
+    out = ()
+    for i in tl.static_range(KEEP):
+        out = out + (tl.reshape(parts[i], (A, B)),)
+    return out
+
+
+@triton.jit
+def _tile_state(words, P: tl.constexpr, K: tl.constexpr, USE_ASM: tl.constexpr):
+    """State of weight P of each thread's tile: the 16 bits ending at bit (P + 1)·K, read cyclically
+    (tail-biting: the first weights' windows start in the tile's last word)."""
+    W: tl.constexpr = 8 * K
+    start: tl.constexpr = (P + 1) * K - 16  # >= -15
+    d: tl.constexpr = (start + 32) // 32 - 1  # word holding the first bit: -1 .. W-1
+    off: tl.constexpr = start - 32 * d
+    return _window(words[(d + W) % W], words[(d + 1) % W], off, USE_ASM)
+
+
+@triton.jit
+def _add_at(acc, I: tl.constexpr, v):
+    """acc with v added to its I-th entry (a tuple of 16 tensors)."""
+    out = ()
+    for i in tl.static_range(16):
+        if i == I:
+            out = out + (acc[i] + v,)
+        else:
+            out = out + (acc[i],)
+    return out
+
+
+@triton.jit
+def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl.constexpr,
+              CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr, PROBE: tl.constexpr = 0):
+    """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile, one row of x':
+    [16, 128] fp32 with row 0 real. Each thread owns one tile per iteration (TA × 8 threads): all its
+    windows are cut from words in its registers, every decoded weight feeds one FFMA into one of the
+    tile's 16 column sums, and the activations of its tile row sit in 16 registers.
+
+    PROBE (benchmarks only, wrong results): 1 loads the words but folds them into the sums without
+    decoding (the load floor); 2 decodes words made up in registers (the decode floor)."""
+    TC: tl.constexpr = 8
+    W: tl.constexpr = 8 * K
+    a = tl.arange(0, TA)[:, None, None]
+    r = tl.arange(0, 16)[None, None, :]
+    acc = ()
+    for col in tl.static_range(16):
+        acc = acc + (tl.zeros((TA, TC), dtype=tl.float32),)
+    for i in tl.range(n_iter, num_stages=STAGES):
+        tile_a = row0 + i * TA
+        if PROBE == 2:
+            seed = (a * 131 + tl.arange(0, TC)[None, :, None] * 17 + tile_a * 40503).to(tl.uint32)
+            seed = tl.reshape(seed, (TA, TC)) | tl.zeros((TA, TC), dtype=tl.uint32)
+            words = ()
+            for j in tl.static_range(W):
+                words = words + (seed * (2 * j + 0x9E3779B1),)
+        else:
+            words = _tile_words(tr_ptr, tile_a, col_tile, NT, K, TA, TC)
+        # The tile row's 16 activations, split into 16 tensors [TA, 1] (broadcast over the tile columns).
+        xr = _unzip(tl.load(x_ptr + (tile_a + a) * 16 + r).to(tl.float32), TA, 1, 16, 4, 16)  # 16 × [TA, 1]
+        if PROBE == 1:
+            folded = words[0]
+            for j in tl.static_range(1, W):
+                folded = folded ^ words[j]
+            acc = _add_at(acc, 0, folded.to(tl.float32) * xr[0])
+        else:
+            for p in tl.static_range(256):
+                # p = 8t + j (§3): tile row 2(t mod 4) + j0 + 8·j1, tile column t div 4 + 8·j2.
+                q = _codebook_f32(_tile_state(words, p, K, USE_ASM), CODEBOOK, USE_ASM)
+                acc = _add_at(acc, (p // 8) // 4 + 8 * ((p % 8) // 4),
+                              q * xr[2 * ((p // 8) % 4) + (p % 2) + 8 * ((p // 2) % 2)])
+    # Sum over the tile rows, then [TC, 16] -> [1, 128] in natural column order 16c + col.
+    sums = ()
+    for col in tl.static_range(16):
+        sums = sums + (tl.sum(acc[col], axis=0),)  # [TC]
+    parts = sums
+    for level in tl.static_range(4):  # join pairs (col, col + 8 >> level) back into the column dimension
+        joined = ()
+        for q in tl.static_range(8 >> level):
+            joined = joined + (tl.join(parts[q], parts[q + (8 >> level)]),)
+        parts = joined
+    accn = tl.reshape(parts[0], (1, 128))
+    rows = tl.arange(0, 16)
+    return tl.where(rows[:, None] == 0, accn, 0.0)
+
+
+@triton.jit
+def _mma_span(x_ptr, tr_ptr, NT, M, stride_xm, row0, n_iter, col_tile, K: tl.constexpr, TA: tl.constexpr,
+              CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
+    """The same sum for up to 16 rows of x' on the tensor cores (x' padded to 16 rows): [16, 128] fp32."""
+    rows = tl.arange(0, 16)
+    acc = tl.zeros((16, 128), dtype=tl.float32)
+    for i in range(n_iter):
+        ks = (row0 + i * TA) * 16 + tl.arange(0, 16 * TA)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=rows[:, None] < M, other=0.0)
+        w = decode_block(tr_ptr, row0 + i * TA, col_tile, NT, K, TA, 8, CODEBOOK, True, USE_ASM)  # [16TA, 128]
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def _exl3_gemv_kernel(
+    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, NT, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG,
+    K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
+    STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0,
+):
+    """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
+    equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
+    one column block, whole blocks, then the head of another; each piece is a segment. A block's
+    segments publish their partial sums in fixed slots and the one that finishes last adds them
+    in slot order (deterministic), applies the epilogue and resets the block's counter."""
+    pid = tl.program_id(0)
+    rows = tl.arange(0, 16)
+    u = pid * U // P
+    u_end = (pid + 1) * U // P
+    while u < u_end:
+        blk = u // CH
+        c0 = u - blk * CH
+        c1 = tl.minimum(CH, c0 + (u_end - u))
+        if FMA:
+            acc = _fma_span(x_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE)
+        else:
+            acc = _mma_span(x_ptr, tr_ptr, NT, M, stride_xm, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM)
+        cols = blk * 128 + tl.arange(0, 128)
+        # Programs owning the block's first and last unit: owner(v) = ((v + 1)·P - 1) // U.
+        first = ((blk * CH + 1) * P - 1) // U
+        nseg = ((blk * CH + CH) * P - 1) // U - first + 1
+        if nseg == 1:
+            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
+                      HAS_BIAS, C1, C2, 1024.0 if FMA else 0.0, KB_P2)
+        else:
+            keep = (rows[:, None] < M) & (cols[None, :] >= 0)
+            slot = (blk * MAXSEG + pid - first) * 16
+            tl.store(ws_ptr + (slot + rows[:, None]) * 128 + tl.arange(0, 128)[None, :], acc, mask=keep)
+            done = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel")
+            if done == nseg - 1:
+                acc = tl.zeros((16, 128), dtype=tl.float32)
+                for s in range(nseg):
+                    slot = (blk * MAXSEG + s) * 16
+                    acc += tl.load(ws_ptr + (slot + rows[:, None]) * 128 + tl.arange(0, 128)[None, :], mask=keep,
+                                   other=0.0, cache_modifier=".cg")
+                tl.store(cnt_ptr + blk, 0)  # ready for the next call
+                _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
+                          CODEBOOK, HAS_BIAS, C1, C2, 1024.0 if FMA else 0.0, KB_P2)
+        u += c1 - c0
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -178,21 +249,36 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-@functools.lru_cache(maxsize=None)  # called for every matmul of every decode step
-def choose_splits(k_tiles: int, n_blocks: int, ta: int, sms: int, scale: float = 1.0) -> int:
-    """K-splits so that n_blocks × splits fills the GPU ~3 programs deep; splits divide the K chunks."""
-    chunks = k_tiles // ta
-    want = max(1, round(3 * scale * sms / n_blocks))
-    divisors = [d for d in range(1, chunks + 1) if chunks % d == 0]
-    return min(divisors, key=lambda d: (abs(d - want), d))
+@functools.lru_cache(maxsize=None)
+def _max_segments(n_blocks: int, chunks: int, programs: int) -> int:
+    """Most programs any column block is split over (the stream-K workspace slots per block)."""
+    units = n_blocks * chunks
+    owner = lambda v: ((v + 1) * programs - 1) // units  # noqa: E731
+    return max(owner(b * chunks + chunks - 1) - owner(b * chunks) + 1 for b in range(n_blocks))
+
+
+_RESIDENT: dict[tuple, int] = {}  # compiled-kernel key -> programs per SM (for the sweep's report too)
+_PLANS: dict[tuple, tuple[dict, int, int]] = {}  # call signature -> (constexprs, programs, slots per block)
+
+
+def _resident_per_sm(kernel, num_warps: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once (registers, shared memory, warps)."""
+    kernel._init_handles()
+    warp_regs = -(-kernel.n_regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_regs = (65536 // warp_regs) // num_warps
+    by_smem = (227 * 1024) // max(1, kernel.metadata.shared + 1024)
+    return max(1, min(by_regs, by_smem, 64 // num_warps, 32))
 
 
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
-              bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, splits: int | None = None,
-              ta: int | None = None, use_asm: bool | None = None, num_warps: int | None = None,
-              fma: bool | None = None, prefetch: bool = True, split_scale: float | None = None,
-              maxnreg: int | None = None) -> torch.Tensor:
-    """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype."""
+              bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
+              num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
+              per_sm: int | None = None, programs: int | None = None, stages: int = 2,
+              probe: int = 0) -> torch.Tensor:
+    """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
+
+    One launch of a stream-K grid with as many programs as the GPU holds at once (per_sm / programs
+    override that for tuning; ta, num_warps and stages are the launch shape)."""
     m, k_pad = x_h.shape
     kt, nt, depth = trellis.shape
     assert m <= BM and k_pad == kt * 16 and x_h.stride(1) == 1 and x_h.dtype == torch.float16
@@ -200,30 +286,44 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
     fma = m == 1 if fma is None else fma
     assert not fma or m == 1, "the FMA kernel handles one row"
-    # Defaults from benchmarks/sweep_gemv.py / tune_exl3.py on an H100 (benchmarks/RESULTS.md):
-    # the FMA kernel wants 8 tile rows per iteration on 8 warps; the tensor-core kernel 2 on 4.
-    ta = ta if ta is not None else (8 if fma else 2)
-    num_warps = num_warps if num_warps is not None else (8 if fma else 4)
-    if split_scale is None:
-        split_scale = 1.0 if fma else 2.0
-    n_blocks = nt // 8
-    if splits is None:
-        splits = choose_splits(kt, n_blocks, ta, _sm_count(x_h.device), split_scale)
-    assert (kt // ta) % splits == 0, (kt, ta, splits)
-    ws, cnt = _workspace(x_h.device, splits * BM * nt * 16, n_blocks)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
-    use_asm = x_h.is_cuda if use_asm is None else use_asm
-    kernel, extra = (_exl3_gemv_fma_kernel, {"PREFETCH": prefetch}) if fma else (_exl3_gemv_kernel, {})
-    if maxnreg is not None:
-        extra["maxnreg"] = maxnreg  # register cap: more resident warps to hide load latency
-    kernel[(n_blocks, splits)](
-        x_h, x_sums, trellis.view(torch.int32), svh, bias if bias is not None else svh,
-        hadamard_128(x_h.device, torch.float32), y, ws, cnt,
-        m, n, nt, x_h.stride(0), y.stride(0), kt // splits, kt // 8,
-        K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, SPLITS=splits, HAS_BIAS=bias is not None,
-        USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2, KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps,
-        **extra,
-    )
+    tr = trellis.view(torch.int32)
+    # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
+    key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
+           stages, probe)
+    plan = _PLANS.get(key)
+
+    def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
+        return (x_h, x_sums, tr, svh, bias if bias is not None else svh, y, ws, cnt,
+                m, n, nt, x_h.stride(0), y.stride(0), kt // 8, kt // consts["TA"], nt // 8 * (kt // consts["TA"]), p,
+                maxseg)
+
+    if plan is None:
+        if ta is None:  # tile rows per iteration: k_pad is a multiple of 128, so kt of 8
+            ta = (16 if kt % 16 == 0 else 8) if fma else 2
+        assert kt % ta == 0
+        # The FMA kernel gives every thread one tile of the TA × 8 per iteration.
+        num_warps = num_warps if num_warps is not None else (max(1, ta // 4) if fma else 4)
+        consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
+                      USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
+                      KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe)
+        n_blocks, chunks = nt // 8, kt // ta
+        if programs is None:
+            if per_sm is None and not x_h.is_cuda:
+                per_sm = 1  # the interpreter: any count is correct
+            if per_sm is None:
+                ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
+                if ckey not in _RESIDENT:
+                    ws, cnt = _workspace(x_h.device, 1, n_blocks)
+                    compiled = _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), **consts)
+                    _RESIDENT[ckey] = _resident_per_sm(compiled, num_warps)
+                per_sm = _RESIDENT[ckey]
+            programs = per_sm * _sm_count(x_h.device)
+        programs = min(programs, n_blocks * chunks)
+        plan = _PLANS[key] = (consts, programs, _max_segments(n_blocks, chunks, programs))
+    consts, programs, maxseg = plan
+    ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
+    _exl3_gemv_kernel[(programs,)](*args(programs, maxseg, ws, cnt), **consts)
     return y
 
 

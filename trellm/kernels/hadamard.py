@@ -3,9 +3,10 @@
     had_in:  x' = had128(pad(x) ⊙ suh)       -> fp16 [m, k_pad]   (the GEMM's input)
     had_out: y  = had128(y') ⊙ svh + bias     -> [m, n] in the caller's dtype
 
-Each program transforms a [16, 128] block with one tensor-core product against the
-orthonormal 128×128 Sylvester matrix (kept per device), so a call costs one launch
-whatever the shape. `*_ref` are the same functions in torch.
+had_in transforms each [16, 128] block with one tensor-core product against the
+orthonormal 128×128 Sylvester matrix (kept per device); the output side (`had_out_store`,
+also the fused GEMV's epilogue) runs a fast Walsh-Hadamard transform in registers. A call
+costs one launch whatever the shape. `*_ref` are the same functions in torch.
 """
 
 from __future__ import annotations
@@ -44,12 +45,19 @@ def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, stride_xm, st
 
 
 @triton.jit
-def had_out_store(y, rows, cols, h_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
+def had_out_store(y, rows, cols, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
     """Store had128(y) ⊙ svh (+ bias) for a [rows, 128-column block] of y' (fp32): the output side of
     every EXL3 matmul, shared by had_out and the fused GEMV's epilogue."""
-    r = tl.arange(0, 128)
-    h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp32
-    z = tl.dot(y, h, input_precision="tf32") * tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+    # A fast Walsh-Hadamard transform in registers (7 butterfly stages over the column bits), not a
+    # matmul against H: no 64 KB matrix to load or stage in shared memory, which would cap how many
+    # GEMV programs fit on an SM. Sylvester order: bit b of the column pairs (c, c ^ 2^b).
+    R: tl.constexpr = y.shape[0]
+    v = tl.reshape(y, (R, 2, 2, 2, 2, 2, 2, 2))  # column bits 6 .. 0
+    for _ in tl.static_range(7):
+        lo, hi = tl.split(v)  # the last dimension: the current bit
+        v = tl.permute(tl.join(lo + hi, lo - hi), (0, 7, 1, 2, 3, 4, 5, 6))  # next bit last
+    scale = tl.load(svh_ptr + cols).to(tl.float32) * 0.08838834764831845  # 128^-1/2
+    z = tl.reshape(v, (R, 128)) * scale[None, :]
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z.to(out_ptr.dtype.element_ty),
@@ -57,13 +65,13 @@ def had_out_store(y, rows, cols, h_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride
 
 
 @triton.jit
-def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, h_ptr, out_ptr, M, N, stride_ym, stride_om,
+def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_ym, stride_om,
                     BM: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * 128 + tl.arange(0, 128)
     y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :], mask=rows[:, None] < M, other=0.0)
-    had_out_store(y.to(tl.float32), rows, cols, h_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS)
+    had_out_store(y.to(tl.float32), rows, cols, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS)
 
 
 def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +93,7 @@ def had_out(y: torch.Tensor, svh: torch.Tensor, bias: torch.Tensor | None, n: in
     assert y.stride(1) == 1 and n_pad == svh.shape[0] and n_pad % 128 == 0
     out = torch.empty(m, n, device=y.device, dtype=dtype)
     grid = (triton.cdiv(m, 16), n_pad // 128)
-    _had_out_kernel[grid](y, svh, bias if bias is not None else svh, hadamard_128(y.device, torch.float32), out,
+    _had_out_kernel[grid](y, svh, bias if bias is not None else svh, out,
                           m, n, y.stride(0), out.stride(0), BM=16, HAS_BIAS=bias is not None)
     return out
 

@@ -1,10 +1,11 @@
 """Quantizing one linear layer to EXL3 (QUANTIZER.md, "Quantizing one linear").
 
     W [k, n] (y = x·W)  ->  random signs + blockwise Hadamard on both sides (incoherence)
-                        ->  global scale chosen by a small search on sample tiles
+                        ->  per-input and per-output channel scales (row / column RMS) and a
+                            global scale chosen by a small search on sample tiles
                         ->  block LDLQ over 16-row strips, each strip's 16×16 tiles trellis-quantized
                             by Viterbi in the format's sequence order
-                        ->  trellis, suh = signs, svh = signs · scale
+                        ->  trellis, suh = signs · input scales, svh = signs · output scales · global
 """
 
 from __future__ import annotations
@@ -73,8 +74,20 @@ def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Ge
     return best[1]
 
 
+def channel_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input (d, rows) and per-output (c, columns) scales with w = diag(d)·w̃·diag(c) and every row
+    and column of w̃ of RMS ~1: the columns' RMS first, then the rows' RMS of the column-scaled
+    matrix. All-zero rows or columns (padding) keep scale 1. Powers of two would be exact in fp16;
+    these are rounded there with suh/svh, and the error report uses the rounded values."""
+    c = w.pow(2).mean(0).sqrt()
+    c = torch.where(c > 0, c, torch.ones_like(c))
+    d = (w / c[None, :]).pow(2).mean(1).sqrt()
+    d = torch.where(d > 0, d, torch.ones_like(d))
+    return d, c
+
+
 def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, codebook: str = "mul1",
-                    seed: int = 0, damping: float = 0.025) -> QuantizedLinear:
+                    seed: int = 0, damping: float = 0.025, scale_channels: bool = True) -> QuantizedLinear:
     """weight [n, k] (Hugging Face layout), hessian [k, k] = mean of xᵀx over calibration rows."""
     n, k = weight.shape
     kp, np_ = round_up(k, 128), round_up(n, 128)
@@ -86,7 +99,11 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, c
     if kp > k:  # padded inputs are always zero: any positive diagonal keeps H definite
         h[k:, k:] = torch.eye(kp - k, dtype=torch.float64, device=dev) * torch.diagonal(h[:k, :k]).mean()
     su, sv = _signs(kp, g).to(dev), _signs(np_, g).to(dev)
-    wr = _had_both(w * su[:, None] * sv[None, :])  # rotated weights: close to i.i.d. Gaussian
+    d, c = channel_scales(w) if scale_channels else (torch.ones(kp, device=dev), torch.ones(np_, device=dev))
+    # w = diag(d)·w̃·diag(c): quantize w̃, whose rows and columns have equal RMS, against the Hessian of
+    # its own input x ⊙ d; d and c fold into suh and svh.
+    su, sv = su * d, sv * c
+    wr = _had_both(w / su[:, None] / sv[None, :])  # rotated weights: close to i.i.d. Gaussian
     hr = _had_both((h * su.double()[:, None] * su.double()[None, :]))  # Hk·S·H·S·Hk
     scale = choose_scale(wr, bits, codebook, g)
     l, _, used = block_ldl(hr, damping=damping)
@@ -98,11 +115,13 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, c
         return _tiles_to_strip(decode_states(states, codebook) * scale)
 
     wr_hat = ldlq(wr, l, quantize_strip)
-    # Report the error in the original space, on the real (unpadded) rows and columns: padded
-    # output columns soak up part of the rotated error but are thrown away by every reader.
-    w_hat = _had_both(wr_hat) * su[:, None] * (sv * scale).half().float()[None, :] / scale
+    suh, svh = su.half(), (sv * scale).half()
+    # Report the error in the original space as a reader reconstructs it (fp16 suh/svh), on the real
+    # (unpadded) rows and columns: padded output columns soak up part of the rotated error but are
+    # thrown away by every reader.
+    w_hat = _had_both(wr_hat / scale) * suh.float()[:, None] * svh.float()[None, :]
     e = (w[:k, :n] - w_hat[:k, :n]).double()
     w64, h64 = w[:k, :n].double(), hessian.double()
     proxy = float(torch.trace(e.T @ h64 @ e) / torch.trace(w64.T @ h64 @ w64))
-    return QuantizedLinear(trellis=trellis, suh=su.half(), svh=(sv * scale).half(), bits=bits, codebook=codebook,
-                           proxy_error=proxy, damping=used)
+    return QuantizedLinear(trellis=trellis, suh=suh, svh=svh, bits=bits, codebook=codebook, proxy_error=proxy,
+                           damping=used)
