@@ -35,24 +35,49 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _progress_printer():
-    t0 = time.perf_counter()
+class _Display:
+    """The job's progress on stderr: one line per layer (bits, output error and SQNR, proxy error per
+    linear, time) and, on a terminal, a live rich bar with layer n/N, elapsed and remaining time.
+    In logs (no terminal) only the lines appear, as plain text."""
 
-    def show(info: dict) -> None:
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True, highlight=False)
+        self.bar = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                            TimeElapsedColumn(), TextColumn("{task.fields[left]}"), console=self.console,
+                            disable=not self.console.is_terminal)
+        self.task = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Display:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, info: dict) -> None:
         n = info["num_layers"]
-        elapsed = info.get("elapsed", time.perf_counter() - t0)
+        elapsed = info.get("elapsed", time.perf_counter() - self.t0)
+        if self.task is None:
+            self.task = self.bar.add_task("convert", total=n + 1, left="")  # + 1: the head
         if info["layer"] == "head":
-            print(f"head: proxy error {info['proxy']['lm_head']:.4g}  [{elapsed:.0f} s]", file=sys.stderr)
+            self.console.print(f"head: proxy error {info['proxy']['lm_head']:.4g}  [{elapsed:.0f} s]", markup=False,
+                               soft_wrap=True)
+            self.bar.update(self.task, completed=n + 1, left="")
             return
         done = info["layer"] + 1
         remaining = elapsed / done * (n - done)
         proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
-        print(f"layer {done}/{n}: {'/'.join(map(str, bits))} bits, output error {info['rel_error']:.4f} "
-              f"(SQNR {-20 * math.log10(max(info['rel_error'], 1e-12)):.1f} dB); proxy {proxies}  "
-              f"[{info['seconds']:.1f} s, elapsed {elapsed:.0f} s, ~{remaining:.0f} s left]", file=sys.stderr)
-
-    return show
+        self.console.print(
+            f"layer {done}/{n}: {'/'.join(map(str, bits))} bits, output error {info['rel_error']:.4f} "
+            f"(SQNR {-20 * math.log10(max(info['rel_error'], 1e-12)):.1f} dB); proxy {proxies}  "
+            f"[{info['seconds']:.1f} s, elapsed {elapsed:.0f} s, ~{remaining:.0f} s left]", markup=False,
+            soft_wrap=True)
+        self.bar.update(self.task, completed=done, left=f"~{remaining:.0f} s left")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     job = ConvertArgs(input=args.input, output=args.output, workdir=args.workdir, bpw=args.bpw,
                       head_bits=args.head_bits, codebook=args.codebook, calibration=args.calibration,
                       rows=args.rows, cols=args.cols, seed=args.seed)
-    out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
-                  progress=_progress_printer())
+    with _Display() as display:
+        out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
+                      progress=display)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -132,3 +132,18 @@ def test_cli_help_documents_every_flag(capsys):
     for flag in ("--input", "--output", "--workdir", "--bpw", "--head-bits", "--codebook", "--calibration",
                  "--rows", "--cols", "--device", "--resume"):
         assert flag in text
+
+
+def test_progress_display_prints_a_line_per_layer_in_logs(capsys):
+    from trellm.cli.convert import _Display
+
+    with _Display() as show:  # stderr is not a terminal here: plain lines, no live bar
+        for layer in (2, 3):  # a resumed job reports from its first unfinished layer
+            show({"layer": layer, "num_layers": 4, "bits": {"q_proj": 4, "down_proj": 3}, "rel_error": 0.01,
+                  "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 1.5, "elapsed": 10.0 * (layer - 1)})
+        show({"layer": "head", "num_layers": 4, "proxy": {"lm_head": 0.005}, "elapsed": 31.0})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123")
+    assert "~3 s left" in lines[0] and "~0 s left" in lines[1]  # 10 s for 3 layers -> 1 left ≈ 3 s
+    assert lines[2] == "head: proxy error 0.005  [31 s]"
+    assert len(lines) == 3

@@ -85,7 +85,8 @@ def test_channel_scales_lower_the_error_of_uneven_weights():
     k, n = 128, 128
     g = torch.Generator().manual_seed(6)
     h = _hessian(k, seed=7)
-    w = torch.randn(n, k, generator=g) * (torch.rand(n, 1, generator=g) * 3 + 0.2) * (torch.rand(1, k, generator=g) * 2 + 0.3)
+    rows, cols = torch.rand(n, 1, generator=g) * 3 + 0.2, torch.rand(1, k, generator=g) * 2 + 0.3  # uneven norms
+    w = torch.randn(n, k, generator=g) * rows * cols
     plain = quantize_linear(w, h, 2, seed=1, scale_channels=False).proxy_error
     scaled = quantize_linear(w, h, 2, seed=1).proxy_error
     assert scaled < 0.95 * plain, (scaled, plain)
