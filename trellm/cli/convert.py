@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 class _Display:
     """The job's progress on stderr: one line per layer (bits, output error and SQNR, proxy error per
-    linear, time) and, on a terminal, a live rich bar with layer n/N, elapsed and remaining time.
-    In logs (no terminal) only the lines appear, as plain text."""
+    linear, time) and, when both stdout and stderr are terminals, a live rich bar with layer n/N,
+    elapsed and remaining time. In logs only the lines appear, as plain text."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -47,7 +47,7 @@ class _Display:
         self.console = Console(stderr=True, highlight=False)
         self.bar = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                             TimeElapsedColumn(), TextColumn("{task.fields[left]}"), console=self.console,
-                            disable=not self.console.is_terminal)
+                            disable=not (self.console.is_terminal and sys.stdout.isatty()))
         self.task = None
         self.t0 = time.perf_counter()
 
