@@ -147,10 +147,12 @@ class DecoderModel(nn.Module):
         *,
         max_seq_len: int,
         last_only: bool = False,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions [B, T]; max_seq_len = largest position + 1 (host int).
 
-        Returns float32 logits [B, T, vocab] ([B, 1, vocab] with last_only)."""
+        Returns float32 logits [B, T, vocab]: [B, 1, vocab] with last_only, [B, len(select), vocab]
+        for the token rows in `select` (a flat batch needs logits only where sequences sample)."""
         h = self.embed(input_ids)
         rope = {t: r.cos_sin(positions, max_seq_len, h.dtype) for t, r in self.rotary.items()}
         for layer in self.layers:
@@ -158,6 +160,8 @@ class DecoderModel(nn.Module):
             h = layer(h, cos, sin, backend)
         if last_only:
             h = h[:, -1:]
+        elif select is not None:
+            h = h[:, select]
         logits = self.lm_head(self.norm(h))
         cap = self.config.final_logit_softcapping
         if cap:

@@ -1,0 +1,145 @@
+"""The continuously batched generator and its paged attention, against the simple one-sequence path."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trellm.cache.paged import PagedKVCache, Segment
+from trellm.engine.generate import GenerationRequest, generate_tokens
+from trellm.engine.generator import Generator, Job
+from trellm.engine.sampling import SamplingParams
+from trellm.errors import GenerationError
+from trellm.layers.attention import AttentionParams, attention_ref
+from trellm.models.loader import load_model
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 30.0)])
+def test_paged_attention_equals_reference_attention(window, softcap):
+    """Three sequences advancing in chunks of different sizes through shared, shuffled pages: each
+    step's output equals attention_ref over the sequence's contiguous keys and values."""
+    g = torch.Generator().manual_seed(0)
+    h, hkv, d, ps = 6, 2, 16, 4
+    cfg = SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d)
+    cache = PagedKVCache(cfg, num_pages=20, page_size=ps, device="cpu", dtype=torch.float32)
+    params = AttentionParams(scale=d**-0.5, window=window, softcap=softcap)
+    order = torch.randperm(20, generator=g).tolist()
+    pages = {0: order[0:5], 1: order[5:10], 2: order[10:15]}  # 20 positions each
+    full_k = {s: torch.randn(1, 20, hkv, d, generator=g) for s in pages}
+    full_v = {s: torch.randn(1, 20, hkv, d, generator=g) for s in pages}
+    done = {0: 0, 1: 0, 2: 0}
+    for plan in ([(0, 7), (1, 3)], [(0, 1), (1, 9), (2, 13)], [(2, 1), (0, 5)], [(0, 1), (1, 1), (2, 6)]):
+        segs, q, k, v, offset = [], [], [], [], 0
+        for s, n in plan:
+            segs.append(Segment(offset, done[s], n, pages[s]))
+            q.append(torch.randn(1, n, h, d, generator=g))
+            k.append(full_k[s][:, done[s] : done[s] + n])
+            v.append(full_v[s][:, done[s] : done[s] + n])
+            offset += n
+        out = cache.step(segs).attend(0, torch.cat(q, 1), torch.cat(k, 1), torch.cat(v, 1), params)
+        for (s, n), seg, qs in zip(plan, segs, q):
+            end = done[s] + n
+            ref = attention_ref(qs, full_k[s][:, :end], full_v[s][:, :end], done[s], params)
+            torch.testing.assert_close(out[:, seg.offset : seg.offset + n], ref, rtol=1e-5, atol=1e-5)
+            done[s] = end
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gemma3", "mistral"])
+def model(request, tiny_model_dir):
+    return load_model(tiny_model_dir(request.param)[0], device="cpu")
+
+
+def alone(model, prompt, n, sampling=None, stop=()):
+    req = GenerationRequest(prompt, max_new_tokens=n, sampling=sampling or SamplingParams(), stop_token_ids=stop)
+    return list(generate_tokens(model, req))
+
+
+def random_prompts(seed, count, longest):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 250) for _ in range(rng.randrange(1, longest))] for _ in range(count)]
+
+
+def test_batched_greedy_equals_one_at_a_time(model):
+    """Mixed lengths, several pages each, chunked prefill (7-token budget) interleaved with decode,
+    sliding-window layers (gemma3, mistral): token for token the simple path's output."""
+    prompts = random_prompts(1, 6, 30)
+    gen = Generator(model, page_size=4, max_batch_tokens=7, max_seqs=4, cache_tokens=400)
+    out = gen.generate([Job(p, max_new_tokens=12) for p in prompts])
+    assert out == [alone(model, p, 12) for p in prompts]
+    assert gen.pool.available == gen.pool.num_pages
+
+
+def test_shared_prefix_is_reused_with_the_same_output(model):
+    stem = random_prompts(2, 1, 2)[0] + list(range(10, 31))  # >= 5 pages of 4
+    prompts = [stem + [40], stem + [41, 42], stem + [43]]
+    gen = Generator(model, page_size=4, max_batch_tokens=64, cache_tokens=400)
+    first = gen.generate([Job(prompts[0], max_new_tokens=6)])
+    rest = gen.generate([Job(p, max_new_tokens=6) for p in prompts[1:]])
+    assert gen.pool.reused_tokens >= 2 * 20
+    assert first + rest == [alone(model, p, 6) for p in prompts]
+
+
+def test_a_small_cache_preempts_and_still_gives_the_same_answers(model):
+    prompts = random_prompts(3, 5, 12)
+    gen = Generator(model, page_size=4, max_batch_tokens=16, max_seqs=5, cache_tokens=40, max_seq_len=40)
+    out = gen.generate([Job(p, max_new_tokens=20) for p in prompts])
+    assert gen.scheduler.preemptions > 0
+    assert out == [alone(model, p, 20) for p in prompts]
+    assert gen.pool.available == gen.pool.num_pages
+
+
+def test_stop_tokens_seeds_and_finish_reasons(model):
+    free = alone(model, [5, 6, 7], 16)
+    stop = free[4]
+    sampling = SamplingParams(temperature=1.3, top_k=40, seed=11)
+    gen = Generator(model, page_size=4, max_batch_tokens=8)
+    ids = [gen.enqueue(Job([5, 6, 7], max_new_tokens=16, stop_token_ids=[stop], identifier="stop")),
+           gen.enqueue(Job([9, 9], max_new_tokens=5, sampling=sampling, identifier="seeded")),
+           gen.enqueue(Job([1, 2, 3, 4, 5, 6], max_new_tokens=3, identifier="length"))]
+    got, reasons = {i: [] for i in ids}, {}
+    for r in gen.stream():
+        got[r.job_id] += r.new_token_ids
+        if r.finished:
+            reasons[r.identifier] = r.finish_reason
+    assert got[ids[0]] == free[: free.index(stop) + 1] and reasons["stop"] == "stop"
+    assert got[ids[1]] == alone(model, [9, 9], 5, sampling)  # the job's own seed, whatever runs beside it
+    assert reasons == {"stop": "stop", "seeded": "length", "length": "length"}
+    assert gen.pool.available == gen.pool.num_pages
+
+
+def test_bad_jobs_are_refused_and_do_not_disturb_the_others(model):
+    gen = Generator(model, page_size=4, max_seq_len=32)
+    good = gen.enqueue(Job([1, 2, 3], max_new_tokens=4))
+    with pytest.raises(GenerationError, match="context is 32"):
+        gen.enqueue(Job(list(range(1, 40)), max_new_tokens=4))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        gen.enqueue(Job([1, 10**6]))
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        gen.enqueue(Job([1], max_new_tokens=0))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        gen.generate([Job([4]), Job([-1])])  # all or nothing
+    out = {}
+    for r in gen.stream():
+        out.setdefault(r.job_id, []).extend(r.new_token_ids)
+    assert out == {good: alone(model, [1, 2, 3], 4)}
+    gen.cancel(12345)  # unknown: ignored
+    assert gen.pool.available == gen.pool.num_pages
+
+
+def test_cancel_frees_pages_and_spares_the_others(model):
+    gen = Generator(model, page_size=4, max_batch_tokens=8, cache_tokens=200)
+    a = gen.enqueue(Job(list(range(1, 20)), max_new_tokens=30))
+    b = gen.enqueue(Job(list(range(5, 9)), max_new_tokens=5))
+    out: dict[int, list[int]] = {}
+    for _ in range(3):
+        for r in gen.iterate():
+            out.setdefault(r.job_id, []).extend(r.new_token_ids)
+    gen.cancel(a)
+    for r in gen.stream():
+        out.setdefault(r.job_id, []).extend(r.new_token_ids)
+    assert len(out.get(a, [])) < 30 and not gen.busy
+    assert out[b] == alone(model, list(range(5, 9)), 5)
+    assert gen.pool.available == gen.pool.num_pages

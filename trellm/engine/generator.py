@@ -1,0 +1,184 @@
+"""The continuously batched generator: many jobs of any length in one stream of forward passes.
+
+    gen = Generator(model)
+    job_id = gen.enqueue(Job(prompt_ids, max_new_tokens=64, sampling=SamplingParams(...)))
+    while gen.busy:
+        for result in gen.iterate():      # one forward pass; incremental results
+            ... result.new_token_ids, result.finished, result.finish_reason ...
+
+Each `iterate()` asks the scheduler (engine/scheduler.py) for the next batch (decode tokens
+of running jobs + prompt chunks, within the token budget), runs it as one flat forward pass
+through the paged KV cache (cache/paged.py), samples a token for every job whose chunk
+reached its end, and reports it. Jobs join and leave between passes; shared prompt prefixes
+are computed once (cache/pages.py). This is the engine's reference path — correct on any
+device; the CUDA-graph decode step and the Triton paged-attention kernels come on top of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trellm.cache.paged import PagedKVCache, Segment
+from trellm.cache.pages import PAGE_SIZE, PagePool
+from trellm.engine.sampling import SamplingParams, sample
+from trellm.engine.scheduler import Request, Scheduler, SchedulerConfig
+from trellm.errors import GenerationError
+from trellm.models.decoder import DecoderModel
+
+CPU_CACHE_TOKENS = 65536  # KV cache of a CPU generator unless told (GPUs size it from free memory)
+GPU_MEMORY_FRACTION = 0.85  # of the free device memory the KV cache takes by default
+
+
+@dataclass(slots=True)
+class Job:
+    prompt_ids: Sequence[int]
+    max_new_tokens: int = 256  # capped to what the context leaves after the prompt
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: Sequence[int] = ()
+    identifier: Any = None  # returned with every result
+
+
+@dataclass(slots=True)
+class JobResult:
+    job_id: int
+    identifier: Any
+    new_token_ids: list[int]  # tokens since the last result (the stop token included, if hit)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (stop token) or "length" (max_new_tokens)
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    rng: torch.Generator | None
+    stop: frozenset[int]
+    generated: list[int] = field(default_factory=list)
+
+
+class Generator:
+    def __init__(self, model: DecoderModel, *, max_seq_len: int | None = None, cache_tokens: int | None = None,
+                 page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048, max_seqs: int = 64):
+        cfg = model.config
+        self.model = model
+        limit = cfg.max_position_embeddings
+        switch = cfg.rope_switch_length()
+        if switch is not None:
+            # Longrope picks its factors from the sequence length; a flat batch has one length for
+            # all its sequences, so keep every sequence on the short side of the switch.
+            limit = min(limit, switch)
+        self.max_seq_len = min(max_seq_len or limit, limit)
+        if cache_tokens is None:
+            if model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(model.device)
+                pages = PagedKVCache.pages_for_memory(cfg, int(free * GPU_MEMORY_FRACTION), page_size, model.dtype)
+            else:
+                pages = -(-CPU_CACHE_TOKENS // page_size)
+        else:
+            pages = -(-cache_tokens // page_size)
+        pages = max(pages, -(-self.max_seq_len // page_size))  # at least one full-length sequence
+        self.pool = PagePool(pages, page_size)
+        self.cache = PagedKVCache(cfg, num_pages=pages, page_size=page_size, device=model.device, dtype=model.dtype)
+        self.scheduler = Scheduler(SchedulerConfig(self.max_seq_len, max_batch_tokens, max_seqs), self.pool)
+        self._jobs: dict[int, _Running] = {}
+        self._ids = itertools.count()
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def enqueue(self, job: Job) -> int:
+        """Queue a job; returns its id. Raises GenerationError (and queues nothing) for a bad job."""
+        prompt = list(job.prompt_ids)
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        if len(prompt) >= self.max_seq_len:
+            raise GenerationError(f"the prompt has {len(prompt)} tokens but the context is {self.max_seq_len}; "
+                                  "shorten the prompt")
+        if job.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
+        job_id = next(self._ids)
+        max_new = min(job.max_new_tokens, self.max_seq_len - len(prompt))
+        self.scheduler.add(Request(job_id, prompt, max_new))
+        rng = None
+        if job.sampling.seed is not None and not job.sampling.greedy:
+            rng = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
+        self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids))
+        return job_id
+
+    def cancel(self, job_id: int) -> None:
+        """Drop a job (queued or running) and free its pages; unknown ids are ignored."""
+        self.scheduler.cancel(job_id)
+        self._jobs.pop(job_id, None)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    # -- work ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def iterate(self) -> list[JobResult]:
+        """One forward pass; a result for every job that got a token."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        dev = self.model.device
+        self.cache.copy_pages(batch.copies)
+        ids, positions, segments, rows, samplers = [], [], [], [], []
+        for chunk in batch.chunks:
+            offset = len(ids)
+            ids += chunk.tokens
+            positions += range(chunk.start, chunk.start + len(chunk.tokens))
+            segments.append(Segment(offset, chunk.start, len(chunk.tokens), chunk.pages))
+            if chunk.samples:
+                rows.append(len(ids) - 1)
+                samplers.append(chunk.seq_id)
+        logits = self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
+                            self.cache.step(segments), max_seq_len=max(positions) + 1,
+                            select=torch.tensor(rows, device=dev, dtype=torch.long))[0]  # [len(rows), vocab]
+        sampled = {}
+        for j, job_id in enumerate(samplers):
+            run = self._jobs[job_id]
+            sampled[job_id] = int(sample(logits[j : j + 1], run.job.sampling, run.rng).item())
+        at_limit = set(self.scheduler.update(batch, sampled))
+        results = []
+        for job_id, tok in sampled.items():
+            run = self._jobs[job_id]
+            run.generated.append(tok)
+            result = JobResult(job_id, run.job.identifier, [tok])
+            if tok in run.stop:
+                result.finished, result.finish_reason = True, "stop"
+                if job_id not in at_limit:
+                    self.scheduler.finish(job_id)
+            elif job_id in at_limit:
+                result.finished, result.finish_reason = True, "length"
+            if result.finished:
+                del self._jobs[job_id]
+            results.append(result)
+        return results
+
+    def stream(self) -> Iterator[JobResult]:
+        """Results until every queued job has finished."""
+        while self.busy:
+            yield from self.iterate()
+
+    def generate(self, jobs: Sequence[Job]) -> list[list[int]]:
+        """Run jobs to the end together; the generated token ids of each, in job order."""
+        ids: list[int] = []
+        try:
+            for job in jobs:
+                ids.append(self.enqueue(job))
+        except GenerationError:
+            for i in ids:  # all or nothing
+                self.cancel(i)
+            raise
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        for result in self.stream():
+            if result.job_id in out:  # jobs queued earlier by someone else run along
+                out[result.job_id] += result.new_token_ids
+        return [out[i] for i in ids]
