@@ -28,6 +28,22 @@ def test_generate_json_one_line_per_prompt_in_order(capsys, tiny_chat_model):
         assert 1 <= x["completion_tokens"] <= 7 and isinstance(x["text"], str) and x["tokens_per_second"] >= 0
 
 
+def test_several_prompts_run_as_one_batch_with_the_answers_of_each_alone(capsys, tiny_chat_model):
+    prompts = ["Hello", "The quick brown fox jumps", "A"]
+    common = ["--max-tokens", "8", "--temperature", "0", "--json", "--device", "cpu"]
+    code, out, err = run(capsys, "generate", "-m", str(tiny_chat_model), *sum((["-p", p] for p in prompts), []),
+                         *common)
+    assert code == 0
+    batched = [json.loads(x) for x in out.splitlines()]
+    alone = [json.loads(run(capsys, "generate", "-m", str(tiny_chat_model), "-p", p, *common)[1]) for p in prompts]
+    for b, a in zip(batched, alone, strict=True):
+        for key in ("text", "completion_tokens", "prompt_tokens", "finish_reason"):
+            assert b[key] == a[key], key
+    code, out, err = run(capsys, "generate", "-m", str(tiny_chat_model), "-p", "Hi", "-p", "Yo", "--max-tokens", "3",
+                         "--temperature", "0")
+    assert code == 0 and len(out.splitlines()) == 2 and "batch of 2" in err
+
+
 def test_generate_streams_text_and_reports_speed(capsys, tiny_chat_model):
     code, out, err = run(capsys, "generate", "-m", str(tiny_chat_model), "-p", "Hello", "--chat", "--system",
                          "Be brief.", "--max-tokens", "5", "--temperature", "0.8", "--seed", "3")

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Generate text with a model folder (Hugging Face layout, 16-bit or EXL3).")
     p.add_argument("-m", "--model", required=True, help="model folder")
     p.add_argument("-p", "--prompt", action="append", required=True,
-                   help="prompt text; repeat for several prompts (run one after another)")
+                   help="prompt text; repeat for several prompts (run together as one continuous batch)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per prompt (default 256)")
@@ -47,12 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     sampling = sampling_from_args(args, llm.default_sampling())
+    if len(args.prompt) > 1:
+        return _run_batch(args, llm, sampling)
     out = sys.stdout
     for index, text in enumerate(args.prompt):
-        prompt = text
-        if args.chat:
-            prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                     [{"role": "user", "content": text}]
+        prompt = _prompt(args, text)
         stats = GenerationStats()
         pieces = []
         for piece in llm.stream(prompt, max_new_tokens=args.max_tokens, sampling=sampling, stats=stats):
@@ -76,4 +75,32 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{stats.completion_tokens} tokens, {stats.tokens_per_second:.1f} tokens/s on "
                   f"{llm.model.device.type}; prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds:.2f} s; "
                   f"finish: {stats.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _prompt(args: argparse.Namespace, text: str):
+    if not args.chat:
+        return text
+    return ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+
+
+def _run_batch(args: argparse.Namespace, llm, sampling: SamplingParams) -> int:
+    """Several prompts: one continuous batch through the generator, printed in prompt order."""
+    results = llm.generate_many([_prompt(args, t) for t in args.prompt], max_new_tokens=args.max_tokens,
+                                sampling=sampling)
+    for index, c in enumerate(results):
+        if args.json:
+            sys.stdout.write(json.dumps({
+                "prompt_index": index, "text": c.text, "completion_tokens": c.completion_tokens,
+                "tokens_per_second": round(c.tokens_per_second, 2), "prompt_tokens": c.prompt_tokens,
+                "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(c.text + "\n")
+            print(f"[prompt {index}: {c.completion_tokens} tokens in {c.seconds:.2f} s of the batch; "
+                  f"prompt {c.prompt_tokens} tokens; finish: {c.finish_reason}]", file=sys.stderr)
+        sys.stdout.flush()
+    total = sum(c.completion_tokens for c in results)
+    seconds = max(c.seconds for c in results)
+    print(f"[batch of {len(results)}: {total} tokens in {seconds:.2f} s = {total / max(seconds, 1e-9):.1f} tokens/s on "
+          f"{llm.model.device.type}]", file=sys.stderr)
     return 0

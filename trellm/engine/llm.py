@@ -5,23 +5,41 @@
     print(llm.generate("The capital of France is", max_new_tokens=20))
     for piece in llm.stream([{"role": "user", "content": "Hi!"}]):
         print(piece, end="", flush=True)
+    for out in llm.generate_many(["Once upon", "In 1969"], max_new_tokens=50):   # one continuous batch
+        print(out.text)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
+from trellm.engine.generator import Generator, Job
 from trellm.engine.sampling import SamplingParams
 from trellm.io.hf_folder import read_generation_config
 from trellm.io.tokenizer import IncrementalDetokenizer, Tokenizer
 from trellm.models.loader import load_model
 
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str  # the stop token is not shown
+    prompt_tokens: int
+    completion_tokens: int  # the stop token included, if hit
+    finish_reason: str  # "stop" or "length"
+    seconds: float  # from the start of the batch to this completion's last token
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 class LLM:
@@ -75,3 +93,33 @@ class LLM:
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, **kwargs))
+
+    def generate_many(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 256,
+                      sampling: SamplingParams | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                      max_batch_tokens: int = 2048) -> list[Completion]:
+        """All prompts as one continuous batch (engine/generator.py); completions in prompt order."""
+        ids = [self.encode_prompt(p, chat_template_kwargs=chat_template_kwargs) for p in prompts]
+        ctx = self.config.max_position_embeddings
+        # A KV cache just large enough for the whole batch: no preemption, no idle memory.
+        cache_tokens = sum(min(len(p) + max_new_tokens, ctx) for p in ids) + 256 * len(ids)
+        gen = Generator(self.model, cache_tokens=cache_tokens, max_batch_tokens=max_batch_tokens,
+                        max_seqs=max(1, len(ids)))
+        sampling = sampling if sampling is not None else self.default_sampling()
+        jobs = [Job(p, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=self.stop_token_ids,
+                    identifier=i) for i, p in enumerate(ids)]
+        tokens: list[list[int]] = [[] for _ in ids]
+        done: dict[int, tuple[str, float]] = {}
+        t0 = time.perf_counter()
+        for job in jobs:
+            gen.enqueue(job)
+        for r in gen.stream():
+            tokens[r.identifier] += r.new_token_ids
+            if r.finished:
+                done[r.identifier] = (r.finish_reason, time.perf_counter() - t0)
+        out = []
+        for i, toks in enumerate(tokens):
+            reason, seconds = done[i]
+            shown = toks[:-1] if reason == "stop" else toks
+            out.append(Completion(self.tokenizer.decode(shown, skip_special_tokens=False), len(ids[i]), len(toks),
+                                  reason, seconds))
+        return out
