@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trellm.engine.sampling import SamplingParams, filter_logits, sample
+from trellm.engine.sampling import SamplingParams, filter_logits, process_logits, sample, sample_batch
 from trellm.errors import GenerationError
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
@@ -35,6 +35,9 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
     SamplingParams(temperature=0.5, seed=2),
     SamplingParams(temperature=1.3, top_k=4, seed=3),
     SamplingParams(temperature=1.0, top_p=0.8, seed=4),
+    SamplingParams(temperature=1.5, min_p=0.2, seed=5),
+    SamplingParams(temperature=1.0, typical_p=0.7, seed=6),
+    SamplingParams(temperature=2.0, top_k=5, top_p=0.9, min_p=0.05, seed=8),
 ])
 def test_sampled_frequencies_match_the_filtered_distribution(params):
     n = 40000
@@ -54,7 +57,70 @@ def test_seeded_sampling_repeats():
 
 
 @pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5},
-                                {"temperature": float("nan")}])
+                                {"temperature": float("nan")}, {"min_p": 1.5}, {"typical_p": 0}, {"repetition_penalty": 0},
+                                {"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"xtc_probability": 2},
+                                {"logit_bias": {3: 101.0}}])
 def test_invalid_parameters(kw):
     with pytest.raises(GenerationError):
         SamplingParams(**kw)
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
+    probs = LOGITS.softmax(-1)[0]
+    for m in (0.1, 0.3, 0.7):
+        kept = torch.isfinite(filter_logits(LOGITS, SamplingParams(temperature=1.0, min_p=m)))[0]
+        assert kept.tolist() == (probs >= m * probs.max()).tolist()
+
+
+def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
+    logits = torch.tensor([[3.0, 2.9, 1.0, 0.0, -2.0]])
+    probs = logits.softmax(-1)[0]
+    entropy = -(probs * probs.log()).sum()
+    gap = (-probs.log() - entropy).abs()
+    order = gap.argsort()
+    for mass in (0.2, 0.5, 0.9):
+        kept = torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, typical_p=mass)))[0]
+        n = int(kept.sum())
+        assert set(order[:n].tolist()) == set(kept.nonzero().flatten().tolist())
+        assert probs[order[:n]].sum() >= mass - 1e-6 and (n == 1 or probs[order[: n - 1]].sum() < mass)
+
+
+def test_xtc_drops_the_top_choices_but_the_least_likely_of_them():
+    logits = torch.tensor([[2.0, 1.9, 1.8, -3.0, -4.0]])  # three tokens above 0.1
+    gen = torch.Generator().manual_seed(0)
+    always = SamplingParams(temperature=1.0, xtc_threshold=0.1, xtc_probability=1.0)
+    kept = torch.isfinite(filter_logits(logits, [always], [gen]))[0]
+    assert kept.tolist() == [False, False, True, True, True]
+    never = SamplingParams(temperature=1.0, xtc_threshold=0.5, xtc_probability=1.0)  # one token above: no-op
+    assert torch.isfinite(filter_logits(logits, [never], [gen])).all()
+
+
+def test_penalties_bias_and_bans():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0]])
+    rep = process_logits(logits, [SamplingParams(repetition_penalty=2.0)], contexts=[[0, 1, 1]])
+    assert rep.tolist() == [[1.0, -2.0, 0.5, 1.0, 0.0]]  # positive divided, negative multiplied
+    pf = process_logits(logits, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)],
+                        completions=[[3, 3, 2]])
+    assert pf.tolist() == [[2.0, -1.0, 0.5 - 0.75, 1.0 - 1.0, 0.0]]
+    biased = process_logits(logits, [SamplingParams(logit_bias={4: 5.0, 0: -1.0}, banned_tokens=[3])])
+    assert biased.tolist() == [[1.0, -1.0, 0.5, float("-inf"), 5.0]]
+    assert sample(logits, SamplingParams(logit_bias={4: 5.0}), None).tolist() == [4]  # greedy sees the bias
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        process_logits(logits, [SamplingParams(banned_tokens=[9])])
+
+
+def test_a_batch_with_different_parameters_per_row_equals_each_row_alone():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_k=10, seed=1),
+              SamplingParams(temperature=1.2, top_p=0.7, repetition_penalty=1.3, seed=2),
+              SamplingParams(temperature=1.0, min_p=0.1, presence_penalty=1.0, xtc_probability=0.5, seed=3)]
+    contexts = [[1, 2], [3], [4, 4, 5], [6, 7, 7, 7]]
+    completions = [[2], [], [5], [7, 7]]
+    gens = lambda: [None] + [torch.Generator().manual_seed(p.seed) for p in params[1:]]  # noqa: E731
+    g1, g2 = gens(), gens()
+    together = [sample_batch(logits, params, g1, contexts, completions).tolist() for _ in range(20)]
+    alone = [[sample_batch(logits[i : i + 1], [params[i]], [g2[i]], [contexts[i]], [completions[i]]).item()
+              for i in range(4)] for _ in range(20)]
+    assert together == alone
+    assert len({tuple(row) for row in together}) > 1  # the seeded rows really sample

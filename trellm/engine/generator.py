@@ -25,7 +25,7 @@ import torch
 
 from trellm.cache.paged import PagedKVCache, Segment
 from trellm.cache.pages import PAGE_SIZE, PagePool
-from trellm.engine.sampling import SamplingParams, sample
+from trellm.engine.sampling import SamplingParams, sample_batch
 from trellm.engine.scheduler import Request, Scheduler, SchedulerConfig
 from trellm.errors import GenerationError
 from trellm.models.decoder import DecoderModel
@@ -141,10 +141,10 @@ class Generator:
         logits = self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
                             self.cache.step(segments), max_seq_len=max(positions) + 1,
                             select=torch.tensor(rows, device=dev, dtype=torch.long))[0]  # [len(rows), vocab]
-        sampled = {}
-        for j, job_id in enumerate(samplers):
-            run = self._jobs[job_id]
-            sampled[job_id] = int(sample(logits[j : j + 1], run.job.sampling, run.rng).item())
+        runs = [self._jobs[job_id] for job_id in samplers]
+        tokens = sample_batch(logits, [r.job.sampling for r in runs], [r.rng for r in runs],
+                              [self.scheduler.tokens(job_id) for job_id in samplers], [r.generated for r in runs])
+        sampled = dict(zip(samplers, tokens.tolist()))  # the one host sync of the step
         at_limit = set(self.scheduler.update(batch, sampled))
         results = []
         for job_id, tok in sampled.items():

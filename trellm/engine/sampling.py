@@ -1,12 +1,31 @@
-"""Token sampling for the simple generate path: greedy, temperature, top-k, top-p.
+"""Token sampling: composable logit processors and filters, per sequence, batched.
 
-The order matches the usual Hugging Face pipeline (temperature, then top-k, then
-top-p over what is left), so seeded results are comparable across tools.
+`sample_batch(logits [B, V], params per row, generators per row, histories)` runs, for all
+rows at once (each with its own parameters), in this order:
+
+1. logit bias (`logit_bias` {token: value}, added) and bans (`banned_tokens`, -inf);
+2. penalties over the sequence so far: `repetition_penalty` r (prompt and completion; a
+   seen token's logit is divided by r if positive, multiplied by r if not — the CTRL /
+   Hugging Face rule), `presence_penalty` (subtracted once from every token the completion
+   has used) and `frequency_penalty` (subtracted per use), as in the OpenAI API;
+3. greedy rows (temperature 0, or top_k 1) take the argmax here;
+4. temperature, then the filters, each on the distribution the previous ones left:
+   `top_k`, `top_p` (smallest set of most likely tokens reaching the mass), `min_p` (drop
+   tokens below min_p × the top probability), `typical_p` (locally typical sampling: the
+   tokens whose surprise is closest to the entropy, up to the mass), and XTC (with
+   probability `xtc_probability`, drop every token at or above `xtc_threshold` except the
+   least likely of them, when there are at least two);
+5. one draw per row from its own generator (seeded jobs repeat whatever runs beside them).
+
+The order of 4 follows the usual Hugging Face pipeline (temperature, top-k, top-p), so
+seeded results are comparable across tools. DRY is not implemented yet.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,40 +37,178 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    typical_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    banned_tokens: Sequence[int] = ()
+    xtc_threshold: float = 0.1
+    xtc_probability: float = 0.0  # 0 = off
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)", self.temperature),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)", self.top_k),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p),
+            (0 < self.typical_p <= 1, "typical_p must be in (0, 1]", self.typical_p),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 = off)", self.repetition_penalty),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]", self.presence_penalty),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]", self.frequency_penalty),
+            (0 <= self.xtc_threshold <= 1, "xtc_threshold must be in [0, 1]", self.xtc_threshold),
+            (0 <= self.xtc_probability <= 1, "xtc_probability must be in [0, 1]", self.xtc_probability),
+        ]
+        for ok, what, value in checks:
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise GenerationError(f"{what}, got {value}")
+        for token, bias in self.logit_bias.items():
+            if not -100 <= bias <= 100 or math.isnan(bias):
+                raise GenerationError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def uses_history(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Scaled logits [B, V] with the tokens top-k / top-p exclude set to -inf."""
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        drop[:, 0] = False
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]  # [B, 1]
+
+
+def _counts(seqs: Sequence[Sequence[int]], vocab: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, V] how often each token occurs in each row's sequence."""
+    counts = torch.zeros(len(seqs), vocab, dtype=like.dtype, device=like.device)
+    longest = max((len(s) for s in seqs), default=0)
+    if longest:
+        ids = torch.full((len(seqs), longest), vocab, dtype=torch.long)  # padding hits a dropped extra column
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        wide = torch.zeros(len(seqs), vocab + 1, dtype=like.dtype, device=like.device)
+        wide.scatter_add_(1, ids.to(like.device), torch.ones(ids.shape, dtype=like.dtype, device=like.device))
+        counts = wide[:, :vocab]
+    return counts
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   contexts: Sequence[Sequence[int]] | None = None,
+                   completions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Steps 1–2: bias, bans and penalties. logits [B, V] -> float32 [B, V]. contexts: each row's
+    prompt + completion so far (repetition penalty); completions: the completion so far."""
+    logits = logits.float().clone()
+    b, vocab = logits.shape
+    rows, cols, vals, bans = [], [], [], []
+    for i, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            rows.append(i), cols.append(int(token)), vals.append(float(bias))
+        bans += [(i, int(t)) for t in p.banned_tokens]
+    bad = [c for c in cols + [t for _, t in bans] if not 0 <= c < vocab]
+    if bad:
+        raise GenerationError(f"logit_bias / banned token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+    if rows:
+        logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                          torch.tensor(vals, device=logits.device), accumulate=True)
+    if any(p.uses_history for p in params):
+        if any(p.repetition_penalty != 1 for p in params):
+            if contexts is None:
+                raise ValueError("a repetition penalty needs the rows' token histories")
+            seen = _counts(contexts, vocab, logits) > 0
+            r = _column([p.repetition_penalty for p in params], logits)
+            logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            if completions is None:
+                raise ValueError("presence / frequency penalties need the rows' completions")
+            used = _counts(completions, vocab, logits)
+            logits = logits - _column([p.presence_penalty for p in params], logits) * (used > 0) \
+                - _column([p.frequency_penalty for p in params], logits) * used
+    if bans:
+        logits[[i for i, _ in bans], [t for _, t in bans]] = float("-inf")
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, params).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def _keep_top_mass(probs: torch.Tensor, order_key: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Bool [B, V]: per row the smallest set of tokens, taken in ascending order of order_key,
+    whose probability reaches `mass` [B, 1] (the first token always stays)."""
+    order = torch.sort(order_key, dim=-1).indices
+    p_sorted = probs.gather(-1, order)
+    drop = (p_sorted.cumsum(-1) - p_sorted) >= mass
+    drop[:, 0] = False
+    return torch.zeros_like(drop).scatter(-1, order, ~drop)
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Step 4: temperature and filters. Processed logits [B, V] -> scaled logits with the excluded
+    tokens at -inf (rows with temperature 0 are returned unscaled)."""
+    rows = logits.shape[0]
+    ps = [params] * rows if isinstance(params, SamplingParams) else list(params)
+    neg = float("-inf")
+    t = _column([p.temperature if p.temperature > 0 else 1.0 for p in ps], logits)
+    logits = logits.float() / t
+    vocab = logits.shape[-1]
+    if any(0 < p.top_k < vocab for p in ps):
+        k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in ps], device=logits.device)
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # [B, 1]
+        logits = logits.masked_fill(logits < kth, neg)
+    if any(p.top_p < 1 for p in ps):
+        probs = logits.softmax(-1)
+        keep = _keep_top_mass(probs, -probs, _column([p.top_p for p in ps], probs))
+        logits = logits.masked_fill(~keep, neg)
+    if any(p.min_p > 0 for p in ps):
+        probs = logits.softmax(-1)
+        floor = probs.max(-1, keepdim=True).values * _column([p.min_p for p in ps], probs)
+        logits = logits.masked_fill(probs < floor, neg)
+    if any(p.typical_p < 1 for p in ps):
+        probs = logits.softmax(-1)
+        logp = torch.log(probs.clamp_min(1e-30))
+        entropy = -(probs * logp).nansum(-1, keepdim=True)
+        surprise_gap = (-logp - entropy).abs().masked_fill(probs == 0, float("inf"))
+        keep = _keep_top_mass(probs, surprise_gap, _column([p.typical_p for p in ps], probs))
+        logits = logits.masked_fill(~keep, neg)
+    if any(p.xtc_probability > 0 for p in ps):
+        probs = logits.softmax(-1)
+        for i, p in enumerate(ps):
+            if p.xtc_probability <= 0:
+                continue
+            g = generators[i] if generators is not None else None
+            if torch.rand(1, generator=g, device=g.device if g is not None else "cpu").item() >= p.xtc_probability:
+                continue
+            above = probs[i] >= p.xtc_threshold
+            if int(above.sum()) >= 2:
+                least = torch.where(above, probs[i], torch.inf).argmin()
+                above[least] = False
+                logits[i] = logits[i].masked_fill(above, neg)
+    return logits
+
+
+def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
+                 generators: Sequence[torch.Generator | None], contexts: Sequence[Sequence[int]] | None = None,
+                 completions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """logits [B, V], one SamplingParams and generator per row -> token ids [B]."""
+    logits = process_logits(logits, params, contexts, completions)
+    out = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        sub = [params[i] for i in sampled]
+        gens = [generators[i] for i in sampled]
+        probs = filter_logits(logits[sampled], sub, gens).softmax(-1)
+        if all(g is gens[0] for g in gens):  # one generator (or none) for all: one draw
+            draws = torch.multinomial(probs, 1, generator=gens[0]).squeeze(-1)
+        else:
+            draws = torch.cat([torch.multinomial(probs[j : j + 1], 1, generator=g).squeeze(-1)
+                               for j, g in enumerate(gens)])
+        out[sampled] = draws
+    return out
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           contexts: Sequence[Sequence[int]] | None = None,
+           completions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """logits [B, V], the same parameters and generator for every row -> token ids [B]."""
+    rows = logits.shape[0]
+    return sample_batch(logits, [params] * rows, [generator] * rows, contexts, completions)
