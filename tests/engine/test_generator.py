@@ -143,3 +143,49 @@ def test_cancel_frees_pages_and_spares_the_others(model):
     assert len(out.get(a, [])) < 30 and not gen.busy
     assert out[b] == alone(model, list(range(5, 9)), 5)
     assert gen.pool.available == gen.pool.num_pages
+
+
+def test_held_back_text_is_the_longest_possible_start_of_a_stop_string():
+    from trellm.engine.generator import _held_back
+
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz", "lo!"]) == 2
+    assert _held_back("abc", ["zzz"]) == 0
+    assert _held_back("a", ["ab", "b"]) == 1
+
+
+def test_stop_strings_across_token_boundaries_min_new_tokens_and_logprobs(tiny_chat_model):
+    from trellm.io.tokenizer import Tokenizer
+
+    model = load_model(tiny_chat_model, device="cpu")
+    tok = Tokenizer.from_folder(tiny_chat_model)
+    prompt = tok.encode("The quick brown fox", add_special_tokens=True)
+    free = alone(model, prompt, 24)
+    text = tok.decode(free)
+    # A stop string made of the last character of one token's text and the first of the next one's.
+    b = next(n for k in range(len(free) // 2, len(free)) if 1 <= (n := len(tok.decode(free[:k]))) < len(text))
+    stop = text[b - 1 : b + 1]
+    assert len(stop) == 2
+    gen = Generator(model, tokenizer=tok, page_size=4)
+    job = gen.enqueue(Job(prompt, max_new_tokens=24, stop_strings=[stop], logprobs=3))
+    got_text, got_tokens, reasons, logprobs = "", [], [], []
+    for r in gen.stream():
+        got_text += r.text
+        got_tokens += r.new_token_ids
+        logprobs += r.logprobs
+        reasons.append(r.finish_reason)
+        assert stop not in got_text  # never shown, not even for a moment
+    assert got_text == text[: text.find(stop)] and reasons[-1] == "stop"
+    assert got_tokens == free[: len(got_tokens)]
+    assert len(logprobs) == len(got_tokens)
+    for (chosen, top), t in zip(logprobs, got_tokens):  # greedy: the chosen token is the most likely
+        assert len(top) == 3 and top[0][0] == t and chosen == pytest.approx(top[0][1]) and chosen <= 0
+    assert gen.pool.available == gen.pool.num_pages
+    # min_new_tokens bans the stop tokens until then
+    stop_tok = free[2]
+    out = gen.generate([Job(prompt, max_new_tokens=10, min_new_tokens=6, stop_token_ids=[stop_tok])])[0]
+    assert stop_tok not in out[:6] and len(out) >= 6
+    with pytest.raises(GenerationError, match="tokenizer"):
+        Generator(model).enqueue(Job(prompt, stop_strings=["x"]))
+    with pytest.raises(GenerationError, match="min_new_tokens"):
+        gen.enqueue(Job(prompt, max_new_tokens=3, min_new_tokens=4))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from trellm.cache.pages import PAGE_SIZE, PagePool
 from trellm.engine.sampling import SamplingParams, sample_batch
 from trellm.engine.scheduler import Request, Scheduler, SchedulerConfig
 from trellm.errors import GenerationError
+from trellm.io.tokenizer import IncrementalDetokenizer, Tokenizer
 from trellm.models.decoder import DecoderModel
 
 CPU_CACHE_TOKENS = 65536  # KV cache of a CPU generator unless told (GPUs size it from free memory)
@@ -38,8 +39,11 @@ GPU_MEMORY_FRACTION = 0.85  # of the free device memory the KV cache takes by de
 class Job:
     prompt_ids: Sequence[int]
     max_new_tokens: int = 256  # capped to what the context leaves after the prompt
+    min_new_tokens: int = 0  # stop tokens are banned until this many tokens exist
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()  # needs the generator's tokenizer; the text is cut before the match
+    logprobs: int = 0  # also return the log-probabilities of the sampled token and of the top `logprobs`
     identifier: Any = None  # returned with every result
 
 
@@ -48,8 +52,12 @@ class JobResult:
     job_id: int
     identifier: Any
     new_token_ids: list[int]  # tokens since the last result (the stop token included, if hit)
+    text: str = ""  # new text (with a tokenizer): held back while it may be the start of a stop string
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (stop token) or "length" (max_new_tokens)
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length" (max_new_tokens)
+    # Per new token, with Job.logprobs: (its log-probability, [(token, log-probability)] of the most
+    # likely tokens), from the model's distribution before any sampling filter.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -57,14 +65,28 @@ class _Running:
     job: Job
     rng: torch.Generator | None
     stop: frozenset[int]
+    detok: IncrementalDetokenizer | None
     generated: list[int] = field(default_factory=list)
+    pending: str = ""  # decoded text not yet returned (a stop string may be starting)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (may still become one)."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
 
 
 class Generator:
-    def __init__(self, model: DecoderModel, *, max_seq_len: int | None = None, cache_tokens: int | None = None,
-                 page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048, max_seqs: int = 64):
+    def __init__(self, model: DecoderModel, *, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
+                 cache_tokens: int | None = None, page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048,
+                 max_seqs: int = 64):
         cfg = model.config
-        self.model = model
+        self.model, self.tokenizer = model, tokenizer
         limit = cfg.max_position_embeddings
         switch = cfg.rope_switch_length()
         if switch is not None:
@@ -101,13 +123,22 @@ class Generator:
                                   "shorten the prompt")
         if job.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {job.max_new_tokens}")
+        if not 0 <= job.min_new_tokens <= job.max_new_tokens:
+            raise GenerationError(f"min_new_tokens must be in [0, max_new_tokens], got {job.min_new_tokens}")
+        if job.stop_strings and self.tokenizer is None:
+            raise GenerationError("stop strings need text: create the Generator with tokenizer=...")
+        if any(not stop for stop in job.stop_strings):
+            raise GenerationError("stop strings must not be empty")
+        if not 0 <= job.logprobs <= 20:
+            raise GenerationError(f"logprobs must be in [0, 20], got {job.logprobs}")
         job_id = next(self._ids)
         max_new = min(job.max_new_tokens, self.max_seq_len - len(prompt))
         self.scheduler.add(Request(job_id, prompt, max_new))
         rng = None
         if job.sampling.seed is not None and not job.sampling.greedy:
             rng = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
-        self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids))
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids), detok)
         return job_id
 
     def cancel(self, job_id: int) -> None:
@@ -142,22 +173,46 @@ class Generator:
                             self.cache.step(segments), max_seq_len=max(positions) + 1,
                             select=torch.tensor(rows, device=dev, dtype=torch.long))[0]  # [len(rows), vocab]
         runs = [self._jobs[job_id] for job_id in samplers]
-        tokens = sample_batch(logits, [r.job.sampling for r in runs], [r.rng for r in runs],
+        params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop
+                  else replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *r.stop]) for r in runs]
+        tokens = sample_batch(logits, params, [r.rng for r in runs],
                               [self.scheduler.tokens(job_id) for job_id in samplers], [r.generated for r in runs])
         sampled = dict(zip(samplers, tokens.tolist()))  # the one host sync of the step
+        want = max((r.job.logprobs for r in runs), default=0)
+        if want:
+            logp = logits.float().log_softmax(-1)
+            top = logp.topk(want, dim=-1)
+            chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+            top_ids, top_lp = top.indices.tolist(), top.values.tolist()
         at_limit = set(self.scheduler.update(batch, sampled))
         results = []
-        for job_id, tok in sampled.items():
+        for j, (job_id, tok) in enumerate(sampled.items()):
             run = self._jobs[job_id]
             run.generated.append(tok)
             result = JobResult(job_id, run.job.identifier, [tok])
+            if run.job.logprobs:
+                n = run.job.logprobs
+                result.logprobs.append((chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n]))))
             if tok in run.stop:
                 result.finished, result.finish_reason = True, "stop"
-                if job_id not in at_limit:
-                    self.scheduler.finish(job_id)
             elif job_id in at_limit:
                 result.finished, result.finish_reason = True, "length"
+            if run.detok is not None:
+                if tok not in run.stop:
+                    run.pending += run.detok.add(tok)
+                if result.finished:
+                    run.pending += run.detok.flush()
+                cut = min((i for i in (run.pending.find(s) for s in run.job.stop_strings) if i >= 0), default=-1)
+                if cut >= 0:  # a stop string: the text ends before it
+                    result.text, run.pending = run.pending[:cut], ""
+                    result.finished, result.finish_reason = True, "stop"
+                else:
+                    keep = 0 if result.finished else _held_back(run.pending, run.job.stop_strings)
+                    split = len(run.pending) - keep
+                    result.text, run.pending = run.pending[:split], run.pending[split:]
             if result.finished:
+                if job_id not in at_limit:
+                    self.scheduler.finish(job_id)
                 del self._jobs[job_id]
             results.append(result)
         return results
