@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -153,25 +154,39 @@ class Generator:
     # -- work ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def iterate(self) -> list[JobResult]:
-        """One forward pass; a result for every job that got a token."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+    def iterate(self, lock: AbstractContextManager | None = None) -> list[JobResult]:
+        """One forward pass; a result for every job that got a token. With a lock (the asyncio front
+        end's), the scheduler and the jobs are touched only while holding it — before and after the
+        model runs, not during — so jobs can be added or cancelled while a pass computes."""
+        lock = lock if lock is not None else nullcontext()
+        with lock:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            self.cache.copy_pages(batch.copies)
+            ids, positions, segments, rows, samplers = [], [], [], [], []
+            for chunk in batch.chunks:
+                offset = len(ids)
+                ids += chunk.tokens
+                positions += range(chunk.start, chunk.start + len(chunk.tokens))
+                segments.append(Segment(offset, chunk.start, len(chunk.tokens), chunk.pages))
+                if chunk.samples:
+                    rows.append(len(ids) - 1)
+                    samplers.append(chunk.seq_id)
         dev = self.model.device
-        self.cache.copy_pages(batch.copies)
-        ids, positions, segments, rows, samplers = [], [], [], [], []
-        for chunk in batch.chunks:
-            offset = len(ids)
-            ids += chunk.tokens
-            positions += range(chunk.start, chunk.start + len(chunk.tokens))
-            segments.append(Segment(offset, chunk.start, len(chunk.tokens), chunk.pages))
-            if chunk.samples:
-                rows.append(len(ids) - 1)
-                samplers.append(chunk.seq_id)
         logits = self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
                             self.cache.step(segments), max_seq_len=max(positions) + 1,
                             select=torch.tensor(rows, device=dev, dtype=torch.long))[0]  # [len(rows), vocab]
+        with lock:
+            return self._finish_pass(batch, logits, samplers)
+
+    def _finish_pass(self, batch, logits: torch.Tensor, samplers: list[int]) -> list[JobResult]:
+        live = [j for j, job_id in enumerate(samplers) if job_id in self._jobs]  # some may be cancelled by now
+        if len(live) < len(samplers):
+            logits, samplers = logits[live], [samplers[j] for j in live]
+        if not samplers:
+            self.scheduler.update(batch, {})
+            return []
         runs = [self._jobs[job_id] for job_id in samplers]
         params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop
                   else replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *r.stop]) for r in runs]
