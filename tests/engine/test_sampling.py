@@ -57,9 +57,10 @@ def test_seeded_sampling_repeats():
 
 
 @pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5},
-                                {"temperature": float("nan")}, {"min_p": 1.5}, {"typical_p": 0}, {"repetition_penalty": 0},
-                                {"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"xtc_probability": 2},
-                                {"logit_bias": {3: 101.0}}])
+                                {"temperature": float("nan")}, {"min_p": 1.5}, {"typical_p": 0},
+                                {"repetition_penalty": 0}, {"presence_penalty": 3}, {"frequency_penalty": -2.5},
+                                {"xtc_probability": 2}, {"logit_bias": {3: 101.0}}, {"dry_multiplier": -1},
+                                {"dry_base": 0.5}, {"dry_allowed_length": 0}, {"dry_range": -1}])
 def test_invalid_parameters(kw):
     with pytest.raises(GenerationError):
         SamplingParams(**kw)
@@ -124,3 +125,40 @@ def test_a_batch_with_different_parameters_per_row_equals_each_row_alone():
               for i in range(4)] for _ in range(20)]
     assert together == alone
     assert len({tuple(row) for row in together}) > 1  # the seeded rows really sample
+
+
+def _dry_naive(context, p):
+    """The definition, quadratically: for every earlier position, how long the sequence's end
+    matches what preceded it there (stopping at breakers)."""
+    seq = list(context[-p.dry_range:] if p.dry_range else context)
+    best = {}
+    for i in range(1, len(seq)):
+        k = 0
+        while k < i and seq[i - 1 - k] == seq[len(seq) - 1 - k] and seq[i - 1 - k] not in p.dry_breakers \
+                and seq[len(seq) - 1 - k] not in p.dry_breakers:
+            k += 1
+        t = seq[i]
+        if k >= p.dry_allowed_length and t not in p.dry_breakers and k > best.get(t, 0):
+            best[t] = k
+    return {t: p.dry_multiplier * p.dry_base ** (k - p.dry_allowed_length) for t, k in best.items()}
+
+
+def test_dry_penalises_tokens_that_continue_a_repeat():
+    from trellm.engine.sampling import dry_penalties
+
+    p = SamplingParams(dry_multiplier=0.8, dry_base=2.0, dry_allowed_length=2)
+    context = [1, 5, 6, 7, 9, 2, 5, 6, 7]  # "5 6 7" was followed by 9
+    assert dry_penalties(context, p) == pytest.approx({9: 0.8 * 2.0 ** (3 - 2)})
+    assert dry_penalties(context, SamplingParams(dry_multiplier=0.8, dry_allowed_length=4)) == {}
+    assert dry_penalties(context, SamplingParams(dry_multiplier=0.8, dry_breakers=[6])) == {}  # the run crosses 6
+    assert dry_penalties([3, 3, 3, 3], p) == pytest.approx({3: 0.8 * 2.0 ** (3 - 2)})  # self-overlapping runs
+    logits = torch.zeros(1, 12)
+    out = process_logits(logits, [p], contexts=[context])
+    assert out[0, 9] == pytest.approx(-1.6) and (out[0, :9] == 0).all()
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):  # the O(n) algorithm equals the definition on random repetitive sequences
+        draw = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=rng))  # noqa: E731
+        seq = [draw(0, 4) for _ in range(draw(1, 40))]
+        q = SamplingParams(dry_multiplier=1.0, dry_base=1.5, dry_allowed_length=draw(1, 4),
+                           dry_breakers=[3] if seq[0] % 2 else [], dry_range=draw(0, 30))
+        assert dry_penalties(seq, q) == pytest.approx(_dry_naive(seq, q)), (seq, q)

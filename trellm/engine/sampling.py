@@ -7,7 +7,9 @@ rows at once (each with its own parameters), in this order:
 2. penalties over the sequence so far: `repetition_penalty` r (prompt and completion; a
    seen token's logit is divided by r if positive, multiplied by r if not — the CTRL /
    Hugging Face rule), `presence_penalty` (subtracted once from every token the completion
-   has used) and `frequency_penalty` (subtracted per use), as in the OpenAI API;
+   has used) and `frequency_penalty` (subtracted per use), as in the OpenAI API; DRY
+   (`dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_breakers`, `dry_range`): tokens
+   that would continue a repeated run are penalised exponentially in the run's length;
 3. greedy rows (temperature 0, or top_k 1) take the argmax here;
 4. temperature, then the filters, each on the distribution the previous ones left:
    `top_k`, `top_p` (smallest set of most likely tokens reaching the mass), `min_p` (drop
@@ -18,7 +20,7 @@ rows at once (each with its own parameters), in this order:
 5. one draw per row from its own generator (seeded jobs repeat whatever runs beside them).
 
 The order of 4 follows the usual Hugging Face pipeline (temperature, top-k, top-p), so
-seeded results are comparable across tools. DRY is not implemented yet.
+seeded results are comparable across tools.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class SamplingParams:
     banned_tokens: Sequence[int] = ()
     xtc_threshold: float = 0.1
     xtc_probability: float = 0.0  # 0 = off
+    dry_multiplier: float = 0.0  # 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_breakers: Sequence[int] = ()  # token ids a repeated run cannot cross (e.g. newline, ":", quotes)
+    dry_range: int = 0  # look back this many tokens (0 = the whole sequence)
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +67,10 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]", self.frequency_penalty),
             (0 <= self.xtc_threshold <= 1, "xtc_threshold must be in [0, 1]", self.xtc_threshold),
             (0 <= self.xtc_probability <= 1, "xtc_probability must be in [0, 1]", self.xtc_probability),
+            (self.dry_multiplier >= 0, "dry_multiplier must be >= 0 (0 = off)", self.dry_multiplier),
+            (self.dry_base >= 1, "dry_base must be >= 1", self.dry_base),
+            (self.dry_allowed_length >= 1, "dry_allowed_length must be >= 1", self.dry_allowed_length),
+            (self.dry_range >= 0, "dry_range must be >= 0 (0 = whole sequence)", self.dry_range),
         ]
         for ok, what, value in checks:
             if not ok:  # NaN fails every comparison, so it lands here too
@@ -74,7 +85,43 @@ class SamplingParams:
 
     @property
     def uses_history(self) -> bool:
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.dry_multiplier > 0)
+
+
+def dry_penalties(context: Sequence[int], params: SamplingParams) -> dict[int, float]:
+    """DRY ("don't repeat yourself"): token -> penalty for every token that would extend a run of
+    tokens that already occurred earlier. If the sequence ends with the n tokens that once came
+    right before token t (n >= allowed length, no breaker inside), t gets multiplier · base^(n -
+    allowed). The longest such n per token counts. O(len) with the Z-function of the reversed
+    sequence: z[j] = how far the sequence's end and the end of its first n - j tokens agree."""
+    seq = list(context[-params.dry_range:] if params.dry_range else context)
+    n = len(seq)
+    if n < 2:
+        return {}
+    breakers = set(params.dry_breakers)
+    # A run cannot cross a breaker: the sequence's end may match at most back to its last breaker.
+    tail = next((n - 1 - i for i in range(n - 1, -1, -1) if seq[i] in breakers), n)
+    r = seq[::-1]
+    z = [0] * n
+    left = right = 0
+    for j in range(1, n):
+        if j < right:
+            z[j] = min(right - j, z[j - left])
+        while j + z[j] < n and r[z[j]] == r[j + z[j]]:
+            z[j] += 1
+        if j + z[j] > right:
+            left, right = j, j + z[j]
+    since_breaker = 0  # tokens since the last breaker before position i (exclusive)
+    best: dict[int, int] = {}
+    for i in range(1, n):  # seq[i] followed seq[:i]; their common end with the whole sequence: z[n - i]
+        since_breaker = 0 if seq[i - 1] in breakers else since_breaker + 1
+        length = min(z[n - i], tail, since_breaker)
+        t = seq[i]
+        if length >= params.dry_allowed_length and t not in breakers and length > best.get(t, 0):
+            best[t] = length
+    return {t: params.dry_multiplier * params.dry_base ** (length - params.dry_allowed_length)
+            for t, length in best.items()}
 
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -126,6 +173,13 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
             used = _counts(completions, vocab, logits)
             logits = logits - _column([p.presence_penalty for p in params], logits) * (used > 0) \
                 - _column([p.frequency_penalty for p in params], logits) * used
+        if any(p.dry_multiplier > 0 for p in params):
+            if contexts is None:
+                raise ValueError("DRY needs the rows' token histories")
+            for i, p in enumerate(params):
+                if p.dry_multiplier > 0:
+                    for token, penalty in dry_penalties(contexts[i], p).items():
+                        logits[i, token] -= penalty
     if bans:
         logits[[i for i, _ in bans], [t for _, t in bans]] = float("-inf")
     return logits
