@@ -189,3 +189,46 @@ def test_stop_strings_across_token_boundaries_min_new_tokens_and_logprobs(tiny_c
         Generator(model).enqueue(Job(prompt, stop_strings=["x"]))
     with pytest.raises(GenerationError, match="min_new_tokens"):
         gen.enqueue(Job(prompt, max_new_tokens=3, min_new_tokens=4))
+
+
+def test_constrained_output_follows_json_schema_regex_and_lark(tiny_chat_model):
+    pytest.importorskip("llguidance")
+    import json
+    import re
+
+    from trellm.engine.constraints import Constraint
+    from trellm.io.tokenizer import Tokenizer
+
+    model = load_model(tiny_chat_model, device="cpu")
+    tok = Tokenizer.from_folder(tiny_chat_model)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    gen = Generator(model, tokenizer=tok, page_size=4)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"enum": [1, 2, 3]}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    prompt = tok.encode("Reply:", add_special_tokens=True)
+    jobs = [Job(prompt, max_new_tokens=60, stop_token_ids=eos, constraint=Constraint.json_schema(schema)),
+            Job(prompt, max_new_tokens=20, stop_token_ids=eos, constraint=Constraint.regex(r"(red|green|blue)!")),
+            Job(prompt, max_new_tokens=20, stop_token_ids=eos,
+                constraint=Constraint.lark('start: "x" ("ab" | "cd") "y"')),
+            Job(prompt, max_new_tokens=30, stop_token_ids=eos, sampling=SamplingParams(temperature=1.5, seed=4),
+                constraint=Constraint.json_object())]
+    ids = [gen.enqueue(j) for j in jobs]
+    text, reasons = {i: "" for i in ids}, {}
+    for r in gen.stream():
+        text[r.job_id] += r.text
+        if r.finished:
+            reasons[r.job_id] = r.finish_reason
+    value = json.loads(text[ids[0]])
+    assert set(value) == {"answer", "n"} and value["answer"] in ("yes", "no") and value["n"] in (1, 2, 3)
+    assert re.fullmatch(r"(red|green|blue)!", text[ids[1]])
+    assert re.fullmatch(r"x(ab|cd)y", text[ids[2]])
+    assert reasons[ids[0]] == reasons[ids[1]] == reasons[ids[2]] == "stop"
+    if reasons[ids[3]] == "stop":  # a free-form object may run out of tokens first
+        assert isinstance(json.loads(text[ids[3]]), dict)
+    else:
+        assert text[ids[3]].lstrip().startswith("{")
+    with pytest.raises(GenerationError, match="invalid lark"):
+        gen.enqueue(Job(prompt, constraint=Constraint.lark("start: ((")))
+    with pytest.raises(GenerationError, match="unknown constraint kind"):
+        Constraint("xml", "<a/>")
+    assert gen.pool.available == gen.pool.num_pages

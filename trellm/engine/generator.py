@@ -26,6 +26,7 @@ import torch
 
 from trellm.cache.paged import PagedKVCache, Segment
 from trellm.cache.pages import PAGE_SIZE, PagePool
+from trellm.engine.constraints import Constraint, ConstraintCompiler, Matcher
 from trellm.engine.sampling import SamplingParams, sample_batch
 from trellm.engine.scheduler import Request, Scheduler, SchedulerConfig
 from trellm.errors import GenerationError
@@ -45,6 +46,7 @@ class Job:
     stop_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()  # needs the generator's tokenizer; the text is cut before the match
     logprobs: int = 0  # also return the log-probabilities of the sampled token and of the top `logprobs`
+    constraint: Constraint | None = None  # JSON schema / regex / Lark grammar the output must follow
     identifier: Any = None  # returned with every result
 
 
@@ -67,6 +69,7 @@ class _Running:
     rng: torch.Generator | None
     stop: frozenset[int]
     detok: IncrementalDetokenizer | None
+    matcher: Matcher | None = None
     generated: list[int] = field(default_factory=list)
     pending: str = ""  # decoded text not yet returned (a stop string may be starting)
 
@@ -109,6 +112,7 @@ class Generator:
         self.scheduler = Scheduler(SchedulerConfig(self.max_seq_len, max_batch_tokens, max_seqs), self.pool)
         self._jobs: dict[int, _Running] = {}
         self._ids = itertools.count()
+        self._compiler: ConstraintCompiler | None = None  # made on the first constrained job
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -132,6 +136,14 @@ class Generator:
             raise GenerationError("stop strings must not be empty")
         if not 0 <= job.logprobs <= 20:
             raise GenerationError(f"logprobs must be in [0, 20], got {job.logprobs}")
+        matcher = None
+        if job.constraint is not None:
+            if self.tokenizer is None:
+                raise GenerationError("constrained output needs text: create the Generator with tokenizer=...")
+            if self._compiler is None:
+                self._compiler = ConstraintCompiler(self.tokenizer, self.model.config.vocab_size,
+                                                    sorted(set(job.stop_token_ids)))
+            matcher = self._compiler.matcher(job.constraint)
         job_id = next(self._ids)
         max_new = min(job.max_new_tokens, self.max_seq_len - len(prompt))
         self.scheduler.add(Request(job_id, prompt, max_new))
@@ -139,7 +151,7 @@ class Generator:
         if job.sampling.seed is not None and not job.sampling.greedy:
             rng = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids), detok)
+        self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids), detok, matcher)
         return job_id
 
     def cancel(self, job_id: int) -> None:
@@ -188,9 +200,18 @@ class Generator:
             self.scheduler.update(batch, {})
             return []
         runs = [self._jobs[job_id] for job_id in samplers]
-        params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop
+        if any(r.matcher is not None for r in runs):
+            logits = logits.float().clone()  # the raw logits stay for logprobs
+            masked = logits.clone()
+            for j, r in enumerate(runs):
+                if r.matcher is not None:
+                    r.matcher.apply(masked[j])
+        else:
+            masked = logits
+        # min_new_tokens bans the stop tokens; a grammar decides for itself when it may end.
+        params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop or r.matcher
                   else replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *r.stop]) for r in runs]
-        tokens = sample_batch(logits, params, [r.rng for r in runs],
+        tokens = sample_batch(masked, params, [r.rng for r in runs],
                               [self.scheduler.tokens(job_id) for job_id in samplers], [r.generated for r in runs])
         sampled = dict(zip(samplers, tokens.tolist()))  # the one host sync of the step
         want = max((r.job.logprobs for r in runs), default=0)
@@ -208,8 +229,10 @@ class Generator:
             if run.job.logprobs:
                 n = run.job.logprobs
                 result.logprobs.append((chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n]))))
-            if tok in run.stop:
-                result.finished, result.finish_reason = True, "stop"
+            if run.matcher is not None and tok not in run.stop:
+                run.matcher.consume(tok)
+            if tok in run.stop or (run.matcher is not None and run.matcher.done):
+                result.finished, result.finish_reason = True, "stop"  # a complete grammar allows nothing more
             elif job_id in at_limit:
                 result.finished, result.finish_reason = True, "length"
             if run.detok is not None:
