@@ -32,17 +32,40 @@ class AsyncGenerator:
         self._worker: asyncio.Task | None = None
         self._closed = False
 
-    async def stream(self, job: Job) -> AsyncIterator[JobResult]:
-        """Results of one job as they come; raises GenerationError at once for a bad job."""
+    def submit(self, job: Job) -> AsyncIterator[JobResult]:
+        """Queue a job now (a bad job raises GenerationError here, before anything streams) and
+        return the async stream of its results."""
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: list[Job]) -> list[AsyncIterator[JobResult]]:
+        """Queue several jobs, all or none (e.g. the n choices of one request)."""
         if self._closed:
             raise RuntimeError("this AsyncGenerator is closed")
+        ids: list[int] = []
         with self._lock:
-            job_id = self.generator.enqueue(job)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[job_id] = queue
+            try:
+                for job in jobs:
+                    ids.append(self.generator.enqueue(job))
+            except Exception:
+                for job_id in ids:
+                    self.generator.cancel(job_id)
+                raise
+        streams = []
+        for job_id in ids:
+            queue: asyncio.Queue = asyncio.Queue()
+            self._queues[job_id] = queue
+            streams.append(self._results(job_id, queue))
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run())
         self._wake.set()
+        return streams
+
+    async def stream(self, job: Job) -> AsyncIterator[JobResult]:
+        """Results of one job as they come."""
+        async for result in self.submit(job):
+            yield result
+
+    async def _results(self, job_id: int, queue: asyncio.Queue) -> AsyncIterator[JobResult]:
         finished = False
         try:
             while not finished:
@@ -96,3 +119,5 @@ class AsyncGenerator:
                 queue = self._queues.get(result.job_id)
                 if queue is not None:
                     queue.put_nowait(result)
+                    if result.finished:  # the stream holds its queue; a stream never read leaves nothing behind
+                        self._queues.pop(result.job_id, None)

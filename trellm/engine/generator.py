@@ -61,6 +61,7 @@ class JobResult:
     # Per new token, with Job.logprobs: (its log-probability, [(token, log-probability)] of the most
     # likely tokens), from the model's distribution before any sampling filter.
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    cached_tokens: int | None = None  # on a job's first result: prompt tokens reused from the prefix cache
 
 
 @dataclass(slots=True)
@@ -113,6 +114,7 @@ class Generator:
         self._jobs: dict[int, _Running] = {}
         self._ids = itertools.count()
         self._compiler: ConstraintCompiler | None = None  # made on the first constrained job
+        self.cancelled = 0  # jobs cancelled before they finished
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -157,7 +159,8 @@ class Generator:
     def cancel(self, job_id: int) -> None:
         """Drop a job (queued or running) and free its pages; unknown ids are ignored."""
         self.scheduler.cancel(job_id)
-        self._jobs.pop(job_id, None)
+        if self._jobs.pop(job_id, None) is not None:
+            self.cancelled += 1
 
     @property
     def busy(self) -> bool:
@@ -220,12 +223,13 @@ class Generator:
             top = logp.topk(want, dim=-1)
             chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
             top_ids, top_lp = top.indices.tolist(), top.values.tolist()
+        first = {job_id: self.scheduler.cached_tokens(job_id) for job_id, r in zip(samplers, runs) if not r.generated}
         at_limit = set(self.scheduler.update(batch, sampled))
         results = []
         for j, (job_id, tok) in enumerate(sampled.items()):
             run = self._jobs[job_id]
             run.generated.append(tok)
-            result = JobResult(job_id, run.job.identifier, [tok])
+            result = JobResult(job_id, run.job.identifier, [tok], cached_tokens=first.get(job_id))
             if run.job.logprobs:
                 n = run.job.logprobs
                 result.logprobs.append((chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n]))))

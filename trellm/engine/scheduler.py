@@ -135,6 +135,11 @@ class Scheduler:
     def tokens(self, seq_id: int | str) -> list[int]:
         return list(self._seqs[seq_id].tokens)
 
+    def cached_tokens(self, seq_id: int | str) -> int:
+        """Prompt tokens the sequence took from the prefix cache at its (last) admission."""
+        table = self._seqs[seq_id].table
+        return table.cached_tokens if table is not None else 0
+
     @property
     def idle(self) -> bool:
         return not self._waiting and not self._running
