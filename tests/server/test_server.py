@@ -202,3 +202,63 @@ def test_concurrent_streams_with_disconnects_leave_no_pages_and_no_5xx(server):
     assert not any(k.startswith("trellm_requests_total") and 'status="5' in k for k in m)
     assert m["trellm_completion_tokens_total"] > 0
     assert m["trellm_cancelled_jobs_total"] >= 1  # left streams were cancelled, not run to their 200 tokens
+
+
+def test_a_full_queue_answers_429(tiny_chat_model):
+    from fastapi.testclient import TestClient
+
+    from trellm.engine.llm import LLM
+    from trellm.server.app import ServerState, create_app
+
+    state = ServerState(LLM(tiny_chat_model, device="cpu"), name="tiny", max_seq_len=128, cache_tokens=512,
+                        max_queue=2)
+    with TestClient(create_app(state)) as http:
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "n": 3, "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG, "n": 2, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+                   "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}]
+
+
+def test_tool_call_round_trip_plain_and_streamed(client):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice=forced, max_tokens=150)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    history = MSG + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24 C"}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=6, temperature=0)
+    assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSG, tools=TOOLS, tool_choice="required",
+                                                 max_tokens=150, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].function.name in ("get_weather", "noop")
+    json.loads(deltas[0].function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    status, err = _error(lambda: client.chat.completions.create(
+        model="tiny", messages=MSG, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}))
+    assert status == 400 and err["param"] == "tool_choice"
+
+
+def test_tool_calls_are_found_in_tagged_and_json_answers():
+    from trellm.server.tools import parse_calls
+
+    specs = [t["function"] for t in TOOLS]
+    content, calls = parse_calls('Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+                                 '<tool_call>{"name": "noop", "arguments": {}}</tool_call>', specs)
+    assert content == "Sure." and [c["function"]["name"] for c in calls] == ["get_weather", "noop"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome"}
+    content, calls = parse_calls('{"name": "get_weather", "parameters": {"city": "Paris"}}', specs)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    for text in ('{"name": "unknown", "arguments": {}}', "<tool_call>not json</tool_call>", "hello", "[1, 2]"):
+        assert parse_calls(text, specs) == (text, [])

@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seq-len", type=int, help="longest sequence, prompt + answer (default: the model's context)")
     p.add_argument("--cache-tokens", type=int, help="KV cache size in tokens (default: 85%% of free GPU memory)")
     p.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once (default 64)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="waiting sequences beyond which requests get 429 (default 256)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.set_defaults(run=run)
@@ -53,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     state = ServerState(llm, name=args.name or Path(args.model).name, api_key=key, max_seq_len=args.max_seq_len,
-                        cache_tokens=args.cache_tokens, max_batch=args.max_batch)
+                        cache_tokens=args.cache_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
     return 0

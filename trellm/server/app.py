@@ -32,6 +32,7 @@ from trellm.engine.generator import Generator, Job, JobResult
 from trellm.engine.llm import LLM
 from trellm.engine.sampling import SamplingParams
 from trellm.errors import ChatTemplateError, GenerationError
+from trellm.server import tools
 from trellm.server.schemas import (
     ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, _Sampling,
 )
@@ -50,8 +51,8 @@ def _envelope(status: int, message: str, type: str, param: str | None, code: str
 
 class ServerState:
     def __init__(self, llm: LLM, *, name: str, api_key: str | None = None, max_seq_len: int | None = None,
-                 cache_tokens: int | None = None, max_batch: int = 64):
-        self.llm, self.name, self.api_key = llm, name, api_key
+                 cache_tokens: int | None = None, max_batch: int = 64, max_queue: int = 256):
+        self.llm, self.name, self.api_key, self.max_queue = llm, name, api_key, max_queue
         self.generator = Generator(llm.model, tokenizer=llm.tokenizer, max_seq_len=max_seq_len,
                                    cache_tokens=cache_tokens, max_seqs=max_batch)
         self.engine = AsyncGenerator(self.generator)
@@ -165,23 +166,38 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat(req: ChatCompletionRequest, request: Request):
         _check_model(state, req.model)
-        prompt = _chat_ids(state, [_message(m) for m in req.messages], req.chat_template_kwargs)
+        try:
+            specs = tools.check_tools(req.tools, req.tool_choice)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="tools" if "tool_choice" not in str(e) else "tool_choice") from e
+        use_tools = bool(specs) and req.tool_choice != "none"
+        prompt = _chat_ids(state, [_message(m) for m in req.messages], req.chat_template_kwargs,
+                           req.tools if use_tools else None)
         max_new = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 1) if req.logprobs else 0
-        jobs = _jobs(state, req, prompt, max_new, top, _constraint(req.response_format))
+        constraint = tools.forced_call(specs, req.tool_choice) if use_tools else None
+        if constraint is not None and req.response_format and req.response_format.get("type") != "text":
+            raise ApiError(400, "response_format cannot be combined with a forced tool call", param="response_format")
+        jobs = _jobs(state, req, prompt, max_new, top, constraint or _constraint(req.response_format))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             streams = state.engine.submit_many(jobs)  # errors are 400s before the stream starts
             return EventSourceResponse(_chat_events(state, jobs, streams, rid, created, len(prompt), usage,
-                                                    req.logprobs), ping=15)
+                                                    req.logprobs, specs if use_tools else []), ping=15)
         streams = state.engine.submit_many(jobs)
         outs = await asyncio.gather(*(_collect(state, stream, job) for stream, job in zip(streams, jobs)))
         choices = []
         for i, out in enumerate(outs):
-            choice = {"index": i, "message": {"role": "assistant", "content": out["text"]},
+            message: dict[str, Any] = {"role": "assistant", "content": out["text"]}
+            reason = out["finish_reason"]
+            if use_tools:
+                content, calls = tools.parse_calls(out["text"], specs)
+                if calls:
+                    message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            choice = {"index": i, "message": message,
                       "logprobs": {"content": _chat_logprobs(state, out["tokens"], out["logprobs"])}
-                      if req.logprobs else None, "finish_reason": out["finish_reason"]}
+                      if req.logprobs else None, "finish_reason": reason}
             choices.append(choice)
         return {"id": rid, "object": "chat.completion", "created": created, "model": state.name, "choices": choices,
                 "usage": _usage(len(prompt), outs)}
@@ -228,6 +244,13 @@ def _check_model(state: ServerState, model: str) -> None:
 
 def _message(m) -> dict[str, Any]:
     d = m.model_dump(exclude_none=True)
+    for call in d.get("tool_calls") or []:  # templates expect arguments as objects, clients send JSON text
+        fn = call.get("function", {})
+        if isinstance(fn.get("arguments"), str):
+            try:
+                fn["arguments"] = json.loads(fn["arguments"])
+            except json.JSONDecodeError:
+                pass
     if isinstance(d.get("content"), list):  # content parts: the text ones, joined
         d["content"] = "".join(part.get("text", "") for part in d["content"] if part.get("type") == "text")
     if d["role"] == "developer":
@@ -235,10 +258,11 @@ def _message(m) -> dict[str, Any]:
     return d
 
 
-def _chat_ids(state: ServerState, messages: list[dict], kwargs: dict | None) -> list[int]:
+def _chat_ids(state: ServerState, messages: list[dict], kwargs: dict | None,
+              tool_specs: list[dict] | None = None) -> list[int]:
     try:
         return state.llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       chat_template_kwargs=kwargs)
+                                                       chat_template_kwargs=kwargs, tools=tool_specs)
     except ChatTemplateError as e:
         raise ApiError(400, f"the chat template could not render these messages: {e}", param="messages") from e
 
@@ -280,6 +304,9 @@ def _constraint(fmt: dict | None) -> Constraint | None:
 
 def _jobs(state: ServerState, req: _Sampling, prompt: list[int], max_new: int | None, logprobs: int,
           constraint: Constraint | None) -> list[Job]:
+    if state.generator.scheduler.num_waiting + req.n > state.max_queue:
+        raise ApiError(429, f"the server's queue is full ({state.max_queue} waiting sequences); retry shortly",
+                       type="rate_limit_exceeded", code="queue_full")
     limit = state.generator.max_seq_len
     state.tokens["prompt"] += len(prompt)
     if len(prompt) >= limit:
@@ -392,7 +419,10 @@ async def _merged(streams: list[AsyncIterator[JobResult]]) -> AsyncIterator[tupl
 
 
 async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: str, created: int,
-                       prompt_tokens: int, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+                       prompt_tokens: int, include_usage: bool, logprobs: bool,
+                       tool_specs: list[dict]) -> AsyncIterator[str]:
+    """With tools in play an answer's text is held until it ends, then sent as content or as
+    tool_calls deltas (a call can only be recognised whole)."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.name,
                 "choices": choices}
@@ -403,16 +433,28 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
     for i in range(len(jobs)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    counts, cached = [0] * len(jobs), 0
+    counts, cached, held = [0] * len(jobs), 0, [""] * len(jobs)
     async for i, r in _merged(streams):
         toks = [t for t in r.new_token_ids if not (r.finish_reason == "stop" and t in jobs[i].stop_token_ids)]
         counts[i] += len(toks)
         state.tokens["completion"] += len(toks)
         cached = max(cached, r.cached_tokens or 0)
         lp = {"content": _chat_logprobs(state, toks, r.logprobs[: len(toks)])} if logprobs else None
-        if r.text or r.finished or lp:
-            yield chunk([{"index": i, "delta": {"content": r.text} if r.text else {}, "logprobs": lp,
-                          "finish_reason": r.finish_reason if r.finished else None}])
+        text, reason = r.text, r.finish_reason if r.finished else None
+        if tool_specs:
+            held[i] += text
+            if not r.finished:
+                continue
+            content, calls = tools.parse_calls(held[i], tool_specs)
+            if calls:
+                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+                text, reason = content or "", "tool_calls"
+            else:
+                text = held[i]
+        if text or r.finished or lp:
+            yield chunk([{"index": i, "delta": {"content": text} if text else {}, "logprobs": lp,
+                          "finish_reason": reason}])
     if include_usage:
         done = sum(counts)
         yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": done,
