@@ -8,7 +8,7 @@ import sys
 
 from trellm.errors import TrellmError
 
-SUBCOMMANDS = ("generate", "inspect", "import_gguf", "convert", "eval", "serve")
+SUBCOMMANDS = ("generate", "chat", "inspect", "import_gguf", "convert", "eval", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
