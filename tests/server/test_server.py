@@ -262,3 +262,37 @@ def test_tool_calls_are_found_in_tagged_and_json_answers():
     assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     for text in ('{"name": "unknown", "arguments": {}}', "<tool_call>not json</tool_call>", "hello", "[1, 2]"):
         assert parse_calls(text, specs) == (text, [])
+
+
+def test_admin_load_and_unload_only_from_the_model_directory(tmp_path, tiny_chat_model):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from trellm.server.app import ServerState, create_app
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_chat_model, models / "tiny-a")
+    (tmp_path / "outside").mkdir()
+    state = ServerState(None, api_key="user", admin_key="admin", model_dir=models, max_seq_len=128,
+                        cache_tokens=512, load_options={"device": "cpu"})
+    user, adm = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+    with TestClient(create_app(state)) as http:
+        r = http.post("/v1/chat/completions", json={"model": "tiny-a", "messages": MSG}, headers=user)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+        assert http.get("/v1/models", headers=user).json()["data"] == []
+        r = http.post("/v1/model/load", json={"model": "tiny-a"}, headers=user)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_key_required"
+        assert http.post("/v1/model/load", json={"model": "tiny-a"}).status_code == 401
+        for bad in ("../outside", "/etc", "nope", "tiny-a/.."):
+            r = http.post("/v1/model/load", json={"model": bad}, headers=adm)
+            assert r.status_code == 404 and r.json()["error"]["param"] == "model", bad
+        r = http.post("/v1/model/load", json={"model": "tiny-a"}, headers=adm)
+        assert r.status_code == 200 and r.json()["model"] == "tiny-a"
+        r = http.post("/v1/chat/completions", json={"model": "tiny-a", "messages": MSG, "max_tokens": 3},
+                      headers=user)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+        assert http.post("/v1/model/unload", headers=adm).json() == {"status": "unloaded", "model": "tiny-a"}
+        r = http.post("/v1/chat/completions", json={"model": "tiny-a", "messages": MSG}, headers=user)
+        assert r.status_code == 400
+        assert "trellm_model_loaded 0" in http.get("/metrics").text

@@ -14,7 +14,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description="Serve a model folder through /v1/chat/completions, /v1/completions, /v1/models "
                                    "and /v1/token/encode|decode (FastAPI + uvicorn; pip install 'trellm[server]').")
-    p.add_argument("-m", "--model", required=True, help="model folder (16-bit or EXL3)")
+    p.add_argument("-m", "--model", help="model folder (16-bit or EXL3) to serve at start")
+    p.add_argument("--model-dir", help="folder whose model folders POST /v1/model/load may load (default: the "
+                   "folder holding --model)")
+    p.add_argument("--admin-key", help="key for /v1/model/load and /unload; default $TRELLM_ADMIN_KEY (without one "
+                   "those routes take the API key)")
     p.add_argument("--name", help="model id clients send (default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
@@ -53,8 +57,13 @@ def run(args: argparse.Namespace) -> int:
                           "pip install 'trellm[server]'") from e
     from trellm.engine.llm import LLM
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
-    state = ServerState(llm, name=args.name or Path(args.model).name, api_key=key, max_seq_len=args.max_seq_len,
-                        cache_tokens=args.cache_tokens, max_batch=args.max_batch, max_queue=args.max_queue)
+    if args.model is None and args.model_dir is None:
+        raise TrellmError("give a model to serve (-m FOLDER) or a folder of models to load from (--model-dir)")
+    llm = LLM(args.model, device=args.device, dtype=args.dtype) if args.model else None
+    model_dir = args.model_dir or (str(Path(args.model).resolve().parent) if args.model else None)
+    state = ServerState(llm, name=args.name or (Path(args.model).name if args.model else None), api_key=key,
+                        admin_key=args.admin_key or os.environ.get("TRELLM_ADMIN_KEY") or None, model_dir=model_dir,
+                        max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens, max_batch=args.max_batch,
+                        max_queue=args.max_queue, load_options={"device": args.device, "dtype": args.dtype})
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -18,6 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -34,7 +35,7 @@ from trellm.engine.sampling import SamplingParams
 from trellm.errors import ChatTemplateError, GenerationError
 from trellm.server import tools
 from trellm.server.schemas import (
-    ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, _Sampling,
+    ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, LoadRequest, _Sampling,
 )
 
 
@@ -50,19 +51,56 @@ def _envelope(status: int, message: str, type: str, param: str | None, code: str
 
 
 class ServerState:
-    def __init__(self, llm: LLM, *, name: str, api_key: str | None = None, max_seq_len: int | None = None,
-                 cache_tokens: int | None = None, max_batch: int = 64, max_queue: int = 256):
-        self.llm, self.name, self.api_key, self.max_queue = llm, name, api_key, max_queue
-        self.generator = Generator(llm.model, tokenizer=llm.tokenizer, max_seq_len=max_seq_len,
-                                   cache_tokens=cache_tokens, max_seqs=max_batch)
-        self.engine = AsyncGenerator(self.generator)
+    """The served model (swappable through the admin routes) and the server's counters."""
+
+    def __init__(self, llm: LLM | None, *, name: str | None = None, api_key: str | None = None,
+                 admin_key: str | None = None, model_dir: str | Path | None = None, max_seq_len: int | None = None,
+                 cache_tokens: int | None = None, max_batch: int = 64, max_queue: int = 256,
+                 load_options: dict[str, Any] | None = None):
+        self.api_key, self.admin_key, self.max_queue = api_key, admin_key, max_queue
+        self.model_dir = Path(model_dir).resolve() if model_dir is not None else None
+        self.engine_options = {"max_seq_len": max_seq_len, "cache_tokens": cache_tokens, "max_seqs": max_batch}
+        self.load_options = load_options or {}
+        self._llm: LLM | None = None
+        self.name = ""
+        if llm is not None:
+            self.attach(llm, name or llm.path.name)
         self.created = int(time.time())
         self.requests: dict[tuple[str, int], int] = {}  # (path, status) -> count
         self.latency = [0.0, 0]  # seconds, requests (whole responses, streams included)
         self.tokens = {"prompt": 0, "completion": 0}
 
+    def attach(self, llm: LLM, name: str) -> None:
+        self._llm, self.name = llm, name
+        self.generator = Generator(llm.model, tokenizer=llm.tokenizer, **self.engine_options)
+        self.engine = AsyncGenerator(self.generator)
+
+    async def detach(self) -> None:
+        """Stop serving the current model: its running jobs are cancelled and its memory freed."""
+        if self._llm is None:
+            return
+        await self.engine.close()
+        self._llm, self.name = None, ""
+        del self.generator, self.engine
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def llm(self) -> LLM:
+        if self._llm is None:
+            raise ApiError(400, "no model is loaded: POST /v1/model/load first", param="model",
+                           code="model_not_found")
+        return self._llm
+
     def metrics(self) -> str:
         """Prometheus text format."""
+        if self._llm is None:
+            return "# no model loaded\ntrellm_model_loaded 0\n"
         pool, sched = self.generator.pool, self.generator.scheduler
         lines = ["# TYPE trellm_requests_total counter"]
         lines += [f'trellm_requests_total{{path="{path}",status="{status}"}} {n}'
@@ -89,7 +127,7 @@ def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         yield
-        await state.engine.close()
+        await state.detach()
 
     app = FastAPI(title="trellm", docs_url=None, redoc_url=None, lifespan=lifespan)
 
@@ -128,23 +166,58 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics())
 
-    async def auth(request: Request) -> None:
-        if state.api_key is None:
-            return
+    def _key(request: Request) -> str:
         header = request.headers.get("authorization", "")
-        key = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not key or not hmac.compare_digest(key.encode(), state.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
-                           code="invalid_api_key")
+        return header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+
+    def _same(a: str, b: str) -> bool:
+        return bool(a) and hmac.compare_digest(a.encode(), b.encode())
+
+    async def auth(request: Request) -> None:
+        key = _key(request)
+        if state.api_key is None or _same(key, state.api_key) or (state.admin_key and _same(key, state.admin_key)):
+            return
+        raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                       code="invalid_api_key")
+
+    async def admin(request: Request) -> None:
+        """Admin routes take the admin key; without one configured, whatever the other routes take."""
+        if state.admin_key is None:
+            return await auth(request)
+        key = _key(request)
+        if _same(key, state.admin_key):
+            return
+        if state.api_key is None or _same(key, state.api_key):
+            raise ApiError(403, "this route needs the admin key", code="admin_key_required")
+        raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
+
+    @app.post("/v1/model/load", dependencies=[Depends(admin)])
+    async def load(body: LoadRequest) -> dict:
+        if state.model_dir is None:
+            raise ApiError(400, "this server has no model directory (--model-dir) to load from", param="model")
+        folder = (state.model_dir / body.model).resolve()
+        if folder.parent != state.model_dir or not (folder / "config.json").is_file():
+            raise ApiError(404, f"no model named {body.model!r} in the model directory", param="model",
+                           code="model_not_found")
+        await state.detach()
+        llm = await asyncio.to_thread(LLM, folder, **state.load_options)
+        state.attach(llm, body.model)
+        return {"status": "loaded", "model": state.name}
+
+    @app.post("/v1/model/unload", dependencies=[Depends(admin)])
+    async def unload() -> dict:
+        name = state.name
+        await state.detach()
+        return {"status": "unloaded", "model": name or None}
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": state.name}
+        return {"status": "ok", "model": state.name or None}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
-                                            "owned_by": "trellm"}]}
+        data = [{"id": state.name, "object": "model", "created": state.created, "owned_by": "trellm"}]
+        return {"object": "list", "data": data if state.name else []}
 
     @app.post("/v1/token/encode", dependencies=[Depends(auth)])
     async def encode(req: EncodeRequest) -> dict:
@@ -237,6 +310,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 def _check_model(state: ServerState, model: str) -> None:
+    state.llm  # noqa: B018  (raises a 400 when no model is loaded)
     if model != state.name:
         raise ApiError(400, f"model {model!r} is not served here; GET /v1/models lists {state.name!r}",
                        param="model", code="model_not_found")

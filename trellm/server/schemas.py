@@ -72,3 +72,7 @@ class EncodeRequest(BaseModel):
 class DecodeRequest(BaseModel):
     tokens: list[int]
     skip_special_tokens: bool = False
+
+
+class LoadRequest(BaseModel):
+    model: str = Field(min_length=1)  # a folder name inside the server's model directory
