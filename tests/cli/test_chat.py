@@ -42,6 +42,12 @@ class Terminal:
         consumed, self.seen = self.seen[:at], self.seen[at:]
         return consumed
 
+    def wait_for_output(self, timeout: float = 60) -> None:
+        """Until something more has been printed."""
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        assert ready, "no output"
+        self.seen += os.read(self.master, 4096).decode(errors="replace")
+
     def send(self, text: str) -> None:
         os.write(self.master, text.encode())
 
@@ -79,11 +85,14 @@ def test_chat_session_commands_save_and_ctrl_c(tmp_path, tiny_chat_model):
 
 
 def test_ctrl_c_stops_an_answer_but_not_the_program(tiny_chat_model):
+    # Seed 1 makes this tiny model talk until its 512-token context is full (472 tokens): the answer is
+    # still streaming when its first bytes arrive and Ctrl-C is sent.
     term = Terminal([sys.executable, "-m", "trellm.cli.main", "chat", "-m", str(tiny_chat_model), "--device", "cpu",
-                     "--temperature", "1.0", "--max-tokens", "100000"])
+                     "--temperature", "1.0", "--seed", "1", "--max-tokens", "100000"])
     term.read_until("> ")
     term.send("Tell me a very long story\n")
-    time.sleep(1.5)  # the answer is still streaming (the context allows ~500 tokens)
+    term.read_until("story\r\n")  # the echo of the typed line
+    term.wait_for_output()  # the first piece of the answer
     term.send("\x03")
     screen = term.read_until("tokens/s]")
     assert "stopped" in screen
