@@ -188,7 +188,7 @@ def test_concurrent_streams_with_disconnects_leave_no_pages_and_no_5xx(server):
 
     async def main():
         client = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
-        return await asyncio.gather(*(one(i, client) for i in range(24)))
+        return await asyncio.gather(*(one(i, client) for i in range(64)))
 
     outcomes = asyncio.run(main())
     assert "left" in outcomes and "done" in outcomes
