@@ -169,3 +169,17 @@ def test_golden_layers_through_the_quant_method(key, codebook):
     lin.set_tensors(g[f"{key}_trellis"], suh=g[f"{key}_suh"], svh=g[f"{key}_svh"], codebook=codebook)
     y, want = lin(g[f"{key}_x"].float()), g[f"{key}_y"].float()
     assert (y - want).abs().max() <= 5e-3 * want.abs().max()
+
+
+def test_the_random_writer_also_writes_the_16_bit_baseline(tmp_path):
+    import json
+
+    from trellm.models.loader import load_model
+
+    write_random_exl3_model(TINY, tmp_path / "dense", bits=None, seed=2, dtype=torch.float16)
+    cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in cfg and not (tmp_path / "dense" / "quantization_config.json").exists()
+    model = load_model(tmp_path / "dense", device="cpu", dtype="float32")
+    assert "exl3" not in model.lm_head.impl.describe()
+    w = model.lm_head.dense_weight()
+    assert w.shape == (TINY["vocab_size"], TINY["hidden_size"]) and 0.015 < float(w.std()) < 0.025

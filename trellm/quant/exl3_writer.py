@@ -53,21 +53,27 @@ def random_linear(in_features: int, out_features: int, bits: int, *, generator: 
     return trellis, suh, svh
 
 
-def write_random_exl3_model(config: dict[str, Any], out_dir: str | Path, *, bits: int = 4, head_bits: int = 6,
+def write_random_exl3_model(config: dict[str, Any], out_dir: str | Path, *, bits: int | None = 4, head_bits: int = 6,
                             codebook: str = "mul1", seed: int = 0, shard_bytes: int = 8 * 2**30,
                             dtype: torch.dtype = torch.bfloat16) -> Path:
-    """An EXL3 model folder with the shape of `config` (a Hugging Face config.json dict) and random weights."""
+    """An EXL3 model folder with the shape of `config` (a Hugging Face config.json dict) and random weights;
+    bits=None writes the same model unquantized (random `dtype` weights of std 0.02), the 16-bit baseline."""
     cfg = ModelConfig.from_hf(config)
     spec = get_arch(cfg.architecture)
     skeleton = DecoderModel(cfg, spec, lambda name: FP16Method())  # names and shapes only; no weights
     g = torch.Generator().manual_seed(seed)
-    qc = {"quant_method": "exl3", "version": WRITER_VERSION, "bits": float(bits), "head_bits": head_bits,
+    qc = {"quant_method": "exl3", "version": WRITER_VERSION, "bits": float(bits or 16), "head_bits": head_bits,
           "codebook": codebook}
     with atomic_folder(out_dir, overwrite=True) as tmp:
         writer = ShardedWriter(tmp, shard_bytes=shard_bytes)
         writer.add("model.embed_tokens.weight", torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g).to(dtype))
         for module in skeleton.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear) and bits is None:
+                writer.add(f"{module.name}.weight", (torch.randn(module.out_features, module.in_features, generator=g)
+                                                     * 0.02).to(dtype))
+                if module.impl.has_bias:
+                    writer.add(f"{module.name}.bias", (torch.randn(module.out_features, generator=g) * 0.1).to(dtype))
+            elif isinstance(module, Linear):
                 k_bits = head_bits if module.name == "lm_head" else bits
                 trellis, suh, svh = random_linear(module.in_features, module.out_features, k_bits, generator=g)
                 bias = None
@@ -81,7 +87,8 @@ def write_random_exl3_model(config: dict[str, Any], out_dir: str | Path, *, bits
         for name, norm in norms.items():
             writer.add(f"{name}.weight", torch.full((norm.dim,), 1.0 - spec.norm_offset).to(dtype))
         writer.finish()
-        write_json(tmp / "config.json", {**config, "tie_word_embeddings": False, "quantization_config": qc,
-                                         "torch_dtype": str(dtype).removeprefix("torch.")})
-        write_json(tmp / "quantization_config.json", qc)
+        base = {**config, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+        write_json(tmp / "config.json", base if bits is None else {**base, "quantization_config": qc})
+        if bits is not None:
+            write_json(tmp / "quantization_config.json", qc)
     return Path(out_dir)

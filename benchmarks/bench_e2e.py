@@ -1,0 +1,102 @@
+"""End-to-end speed of the continuously batched generator (issue 5): a random-weight model of the
+Llama-3-8B shape, EXL3 (4.0 bpw layers, 6-bit head) or bf16, written by trellm's writer and loaded by the
+normal loader.
+
+    python benchmarks/bench_e2e.py --out /tmp/l3-exl3 [--format exl3|bf16] [--batches 1,4,16,64]
+    python benchmarks/bench_e2e.py --preset tiny --out /tmp/tiny --device cpu     # a CPU smoke run
+
+Per batch size B: B jobs with 128-token prompts and 256 new tokens each; decode tokens/s = B·(new - 1) over
+the time from the last job's first token to the end; time to first token = until every job has one. Then
+one 4096-token prompt for prefill tokens/s. Prints a table and one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from trellm.engine.generator import Generator, Job
+from trellm.models.loader import load_model
+from trellm.quant.exl3_writer import write_random_exl3_model
+
+PRESETS = {
+    "llama3-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    },
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 256,
+        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+}
+
+
+def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    jobs = [Job(torch.randint(10, vocab, (prompt_len,), generator=g).tolist(), max_new_tokens=new) for _ in range(batch)]
+    t0 = time.perf_counter()
+    ids = [gen.enqueue(j) for j in jobs]
+    first: dict[int, float] = {}
+    tokens = 0
+    for r in gen.stream():
+        now = time.perf_counter()
+        first.setdefault(r.job_id, now)
+        tokens += len(r.new_token_ids)
+    end = time.perf_counter()
+    last_first = max(first[i] for i in ids)
+    decode_tokens = tokens - batch
+    return {"batch": batch, "ttft_s": round(last_first - t0, 4),
+            "decode_tok_s": round(decode_tokens / max(end - last_first, 1e-9), 1), "tokens": tokens}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, help="model folder (written if missing)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    ap.add_argument("--format", choices=("exl3", "bf16"), default="exl3")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--head-bits", type=int, default=6)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prefill", type=int, default=4096)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    cfg = PRESETS[args.preset]
+    out = Path(args.out)
+    if not (out / "config.json").is_file():
+        write_random_exl3_model(cfg, out, bits=args.bits if args.format == "exl3" else None,
+                                head_bits=args.head_bits, shard_bytes=4 * 2**30)
+    dtype = "bfloat16" if args.device != "cpu" else "float32"
+    model = load_model(out, device=args.device, dtype=dtype)
+    batches = [int(b) for b in args.batches.split(",")]
+    gen = Generator(model, max_batch_tokens=max(2048, args.prefill), max_seqs=max(batches))
+    run_batch(gen, 1, 16, 4, cfg["vocab_size"], 0)  # warm-up: compiles kernels
+    rows = [run_batch(gen, b, args.prompt, args.new, cfg["vocab_size"], b) for b in batches]
+    t0 = time.perf_counter()
+    gen.generate([Job(list(range(10, 10 + args.prefill)), max_new_tokens=1)])
+    prefill = args.prefill / (time.perf_counter() - t0)
+    result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "preset": args.preset,
+              "format": args.format, "bits": args.bits if args.format == "exl3" else 16, "rows": rows,
+              "prefill_tok_s": round(prefill, 1),
+              "gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device != "cpu" else None}
+    print(f"{'batch':>6} {'TTFT s':>8} {'decode tok/s':>13}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f}")
+    print(f"prefill {args.prefill} tokens: {prefill:.0f} tok/s")
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
