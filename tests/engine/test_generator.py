@@ -146,7 +146,7 @@ def test_cancel_frees_pages_and_spares_the_others(model):
 
 
 def test_held_back_text_is_the_longest_possible_start_of_a_stop_string():
-    from trellm.engine.generator import _held_back
+    from trellm.engine.generator import held_back as _held_back
 
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["xyz", "lo!"]) == 2

@@ -89,9 +89,11 @@ class PagePool:
         return pages
 
     def can_open(self, tokens: Sequence[int], reserve: int) -> bool:
-        matched = self.match(tokens)
+        return self._fits(self.match(tokens), len(tokens), reserve)
+
+    def _fits(self, matched: list[int], num_tokens: int, reserve: int) -> bool:
         idle_matched = sum(1 for p in matched if self._refs[p] == 0)  # counted in `available` today
-        return self.pages_for(max(reserve, len(tokens))) - len(matched) <= self.available - idle_matched
+        return self.pages_for(max(reserve, num_tokens)) - len(matched) <= self.available - idle_matched
 
     # -- sequences -------------------------------------------------------------------------------
 
@@ -99,15 +101,13 @@ class PagePool:
         """A page table for a new sequence whose prompt is `tokens`, with room for max(reserve,
         len(tokens)) tokens; its cached prefix pages are shared (table.cached_tokens says how many
         tokens need no computing). Raises OutOfPages, changing nothing, when the pool is short."""
-        if not self.can_open(tokens, reserve):
+        matched = self.match(tokens)  # hashes the prompt's pages: once per open
+        if not self._fits(matched, len(tokens), reserve):
             raise OutOfPages(f"{self.pages_for(max(reserve, len(tokens)))} pages needed, {self.available} available")
-        matched = self.match(tokens)
         table = PageTable()
-        parent = b""
         for page in matched:
             self._ref(page)
-            parent = self._digest[page]
-            table.digests.append(parent)
+            table.digests.append(self._digest[page])
         table.pages = list(matched)
         table.capacity = len(matched) * self.page_size
         table.cached_tokens = table.capacity

@@ -14,6 +14,7 @@ import sys
 import time
 
 from trellm.engine.generate import GenerationStats
+from trellm.engine.generator import held_back
 from trellm.errors import TrellmError
 
 HELP = "/clear forget the conversation · /system TEXT set the system message · /save FILE write the conversation " \
@@ -59,7 +60,7 @@ class _ThinkPrinter:
                 self.out.write(("\x1b[2m" if self.tty else "[thinking: ") if self.inside else
                                ("\x1b[0m" if self.tty else "]\n"))
                 continue
-            keep = next((n for n in range(min(len(tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(tag[:n])), 0)
+            keep = held_back(self.buf, [tag])  # a tag may be arriving in pieces
             self._emit(self.buf[: len(self.buf) - keep])
             self.buf = self.buf[len(self.buf) - keep:]
             break

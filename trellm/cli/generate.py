@@ -61,14 +61,8 @@ def run(args: argparse.Namespace) -> int:
                 out.write(piece)
                 out.flush()
         if args.json:
-            out.write(json.dumps({
-                "prompt_index": index,
-                "text": "".join(pieces),
-                "completion_tokens": stats.completion_tokens,
-                "tokens_per_second": round(stats.tokens_per_second, 2),
-                "prompt_tokens": stats.prompt_tokens,
-                "finish_reason": stats.finish_reason,
-            }, ensure_ascii=False) + "\n")
+            out.write(_json_line(index, "".join(pieces), stats.completion_tokens, stats.tokens_per_second,
+                                 stats.prompt_tokens, stats.finish_reason))
             out.flush()
         else:
             out.write("\n")
@@ -76,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
                   f"{llm.model.device.type}; prompt {stats.prompt_tokens} tokens in {stats.prefill_seconds:.2f} s; "
                   f"finish: {stats.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _json_line(index: int, text: str, completion_tokens: int, tokens_per_second: float, prompt_tokens: int,
+               finish_reason: str | None) -> str:
+    """The --json record of one prompt (the same whether it ran alone or in a batch)."""
+    return json.dumps({"prompt_index": index, "text": text, "completion_tokens": completion_tokens,
+                       "tokens_per_second": round(tokens_per_second, 2), "prompt_tokens": prompt_tokens,
+                       "finish_reason": finish_reason}, ensure_ascii=False) + "\n"
 
 
 def _prompt(args: argparse.Namespace, text: str):
@@ -90,10 +92,8 @@ def _run_batch(args: argparse.Namespace, llm, sampling: SamplingParams) -> int:
                                 sampling=sampling)
     for index, c in enumerate(results):
         if args.json:
-            sys.stdout.write(json.dumps({
-                "prompt_index": index, "text": c.text, "completion_tokens": c.completion_tokens,
-                "tokens_per_second": round(c.tokens_per_second, 2), "prompt_tokens": c.prompt_tokens,
-                "finish_reason": c.finish_reason}, ensure_ascii=False) + "\n")
+            sys.stdout.write(_json_line(index, c.text, c.completion_tokens, c.tokens_per_second, c.prompt_tokens,
+                                        c.finish_reason))
         else:
             sys.stdout.write(c.text + "\n")
             print(f"[prompt {index}: {c.completion_tokens} tokens in {c.seconds:.2f} s of the batch; "

@@ -82,7 +82,8 @@ def generate_tokens(
             ids = torch.tensor([tokens], device=device)
             positions = torch.arange(len(tokens), device=device)[None]
         logits = model(ids, positions, cache.step(ids.shape[1]), max_seq_len=cache.length, last_only=True)
-        token = sample(logits[:, -1], request.sampling, gen, [tokens], [tokens[len(prompt):]])  # [1]
+        history = ([tokens], [tokens[len(prompt):]]) if request.sampling.uses_history else (None, None)
+        token = sample(logits[:, -1], request.sampling, gen, *history)  # [1]
         tok = int(token.item())  # the host needs the token to stream it, so this sync is inherent
         now = time.perf_counter()
         if i == 0:

@@ -75,7 +75,7 @@ class _Running:
     pending: str = ""  # decoded text not yet returned (a stop string may be starting)
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
+def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that begins some stop string (may still become one)."""
     longest = 0
     for stop in stops:
@@ -204,8 +204,7 @@ class Generator:
             return []
         runs = [self._jobs[job_id] for job_id in samplers]
         if any(r.matcher is not None for r in runs):
-            logits = logits.float().clone()  # the raw logits stay for logprobs
-            masked = logits.clone()
+            masked = logits.float().clone()  # the raw logits stay for logprobs
             for j, r in enumerate(runs):
                 if r.matcher is not None:
                     r.matcher.apply(masked[j])
@@ -214,8 +213,10 @@ class Generator:
         # min_new_tokens bans the stop tokens; a grammar decides for itself when it may end.
         params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop or r.matcher
                   else replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *r.stop]) for r in runs]
-        tokens = sample_batch(masked, params, [r.rng for r in runs],
-                              [self.scheduler.tokens(job_id) for job_id in samplers], [r.generated for r in runs])
+        # Token histories only for the penalties that read them (copying them is O(length) per step).
+        contexts = [self.scheduler.tokens(job_id) for job_id in samplers] if any(
+            p.uses_history for p in params) else None
+        tokens = sample_batch(masked, params, [r.rng for r in runs], contexts, [r.generated for r in runs])
         sampled = dict(zip(samplers, tokens.tolist()))  # the one host sync of the step
         want = max((r.job.logprobs for r in runs), default=0)
         if want:
@@ -249,7 +250,7 @@ class Generator:
                     result.text, run.pending = run.pending[:cut], ""
                     result.finished, result.finish_reason = True, "stop"
                 else:
-                    keep = 0 if result.finished else _held_back(run.pending, run.job.stop_strings)
+                    keep = 0 if result.finished else held_back(run.pending, run.job.stop_strings)
                     split = len(run.pending) - keep
                     result.text, run.pending = run.pending[:split], run.pending[split:]
             if result.finished:

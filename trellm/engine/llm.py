@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
+from trellm.cache.pages import PAGE_SIZE
 from trellm.engine.generator import Generator, Job
 from trellm.engine.sampling import SamplingParams
 from trellm.io.hf_folder import read_generation_config
@@ -101,25 +102,24 @@ class LLM:
         ids = [self.encode_prompt(p, chat_template_kwargs=chat_template_kwargs) for p in prompts]
         ctx = self.config.max_position_embeddings
         # A KV cache just large enough for the whole batch: no preemption, no idle memory.
-        cache_tokens = sum(min(len(p) + max_new_tokens, ctx) for p in ids) + 256 * len(ids)
-        gen = Generator(self.model, cache_tokens=cache_tokens, max_batch_tokens=max_batch_tokens,
-                        max_seqs=max(1, len(ids)))
+        cache_tokens = sum(min(len(p) + max_new_tokens, ctx) for p in ids) + PAGE_SIZE * len(ids)
+        gen = Generator(self.model, tokenizer=self.tokenizer, cache_tokens=cache_tokens,
+                        max_batch_tokens=max_batch_tokens, max_seqs=max(1, len(ids)))
         sampling = sampling if sampling is not None else self.default_sampling()
         jobs = [Job(p, max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=self.stop_token_ids,
                     identifier=i) for i, p in enumerate(ids)]
-        tokens: list[list[int]] = [[] for _ in ids]
-        done: dict[int, tuple[str, float]] = {}
+        texts: list[list[str]] = [[] for _ in ids]  # the generator's text leaves the stop token out
+        counts, done = [0] * len(ids), {}
         t0 = time.perf_counter()
         for job in jobs:
             gen.enqueue(job)
         for r in gen.stream():
-            tokens[r.identifier] += r.new_token_ids
+            texts[r.identifier].append(r.text)
+            counts[r.identifier] += len(r.new_token_ids)
             if r.finished:
                 done[r.identifier] = (r.finish_reason, time.perf_counter() - t0)
         out = []
-        for i, toks in enumerate(tokens):
+        for i, pieces in enumerate(texts):
             reason, seconds = done[i]
-            shown = toks[:-1] if reason == "stop" else toks
-            out.append(Completion(self.tokenizer.decode(shown, skip_special_tokens=False), len(ids[i]), len(toks),
-                                  reason, seconds))
+            out.append(Completion("".join(pieces), len(ids[i]), counts[i], reason, seconds))
         return out

@@ -17,14 +17,15 @@ import triton.language as tl
 
 from trellm.quant.exl3_format import had128, hadamard_matrix
 
-_H_CACHE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_H_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
-def hadamard_128(device: torch.device, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    key = (torch.device(device), dtype)
+def hadamard_128(device: torch.device) -> torch.Tensor:
+    """The orthonormal 128-point Sylvester matrix in fp16 (had_in's tensor-core operand), one per device."""
+    key = torch.device(device)
     h = _H_CACHE.get(key)
     if h is None:
-        h = _H_CACHE[key] = hadamard_matrix(128, dtype, device).contiguous()
+        h = _H_CACHE[key] = hadamard_matrix(128, torch.float16, device).contiguous()
     return h
 
 

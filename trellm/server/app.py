@@ -417,16 +417,22 @@ def _jobs(state: ServerState, req: _Sampling, prompt: list[int], max_new: int | 
     return jobs
 
 
+def _answer_tokens(r: JobResult, job: Job) -> list[int]:
+    """A result's new tokens without the stop token that ended the job: it is not part of the answer."""
+    if r.finish_reason == "stop" and r.new_token_ids and r.new_token_ids[-1] in job.stop_token_ids:
+        return r.new_token_ids[:-1]
+    return r.new_token_ids
+
+
 async def _collect(state: ServerState, stream: AsyncIterator[JobResult], job: Job) -> dict:
     text, tokens, logprobs, reason, cached = [], [], [], None, 0
     async for r in stream:
+        new = _answer_tokens(r, job)
         text.append(r.text)
-        tokens += r.new_token_ids
-        logprobs += r.logprobs
+        tokens += new
+        logprobs += r.logprobs[: len(new)]
         cached = r.cached_tokens if r.cached_tokens is not None else cached
         reason = r.finish_reason if r.finished else reason
-    if reason == "stop" and tokens and tokens[-1] in job.stop_token_ids:
-        tokens, logprobs = tokens[:-1], logprobs[: len(tokens) - 1]  # the stop token is not part of the answer
     state.tokens["completion"] += len(tokens)
     return {"text": "".join(text), "tokens": tokens, "logprobs": logprobs, "finish_reason": reason, "cached": cached}
 
@@ -509,7 +515,7 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
                       "finish_reason": None}])
     counts, cached, held = [0] * len(jobs), 0, [""] * len(jobs)
     async for i, r in _merged(streams):
-        toks = [t for t in r.new_token_ids if not (r.finish_reason == "stop" and t in jobs[i].stop_token_ids)]
+        toks = _answer_tokens(r, jobs[i])
         counts[i] += len(toks)
         state.tokens["completion"] += len(toks)
         cached = max(cached, r.cached_tokens or 0)
