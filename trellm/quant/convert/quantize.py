@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trellm.quant import exl3_format as fmt
 from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq
-from trellm.quant.convert.viterbi import decode_states, viterbi_ref
+from trellm.quant.convert.viterbi import decode_states, trellis_search
 from trellm.quant.exl3 import round_up
 
 SCALE_CANDIDATES = (0.92, 1.0, 1.08)  # × the RMS of the rotated weights (codebook RMS ~1)
@@ -67,7 +67,7 @@ def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Ge
     best = None
     for f in SCALE_CANDIDATES:
         g = rms * f
-        q = decode_states(viterbi_ref(tiles / g, bits, codebook, tail_biting=False), codebook) * g
+        q = decode_states(trellis_search(tiles / g, bits, codebook, tail_biting=False), codebook) * g
         err = float((tiles - q).pow(2).mean())
         if best is None or err < best[0]:
             best = (err, g)
@@ -110,7 +110,7 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, c
     trellis = torch.empty(kp // 16, np_ // 16, 16 * bits, dtype=torch.int16, device=dev)
 
     def quantize_strip(b: int, target: torch.Tensor) -> torch.Tensor:
-        states = viterbi_ref(_strip_to_tiles(target / scale), bits, codebook)  # [tiles, 256]
+        states = trellis_search(_strip_to_tiles(target / scale), bits, codebook)  # [tiles, 256]
         trellis[b] = fmt.pack_states(states, bits)
         return _tiles_to_strip(decode_states(states, codebook) * scale)
 

@@ -10,7 +10,8 @@ end of the sequence followed by its start, as the ring rotated so the wrap sits 
 picks a good state there; pass 2 runs on the original order starting from that state and must
 end in it, which closes the ring.
 
-`viterbi_ref` is the torch reference, vectorised over tiles (CPU for tiny models, GPU fallback).
+`viterbi_ref` is the torch reference, vectorised over tiles (CPU for tiny models); `trellis_search`
+runs the Triton kernel of kernels/viterbi.py instead on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def viterbi_ref(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting:
     around = torch.cat([targets[:, length - ctx :], targets[:, :ctx]], dim=1)  # p = L-ctx .. L-1, 0 .. ctx-1
     wrap = _search(around, values, bits, None)[:, ctx - 1]  # the state at original p = L - 1
     return _search(targets, values, bits, wrap)
+
+
+def trellis_search(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
+    """viterbi_ref's result, from the Triton kernel (kernels/viterbi.py) on CUDA tensors."""
+    if targets.is_cuda:
+        from trellm.kernels.viterbi import viterbi
+
+        return viterbi(targets, bits, codebook, tail_biting=tail_biting)
+    return viterbi_ref(targets, bits, codebook, tail_biting=tail_biting)
 
 
 def decode_states(states: torch.Tensor, codebook: str) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Speed of the Triton Viterbi search (issue 4): tiles per second by K, the time a 4096×14336 linear
+(229,376 tiles) would take, and the check against the torch reference on a sample.
+
+    python benchmarks/bench_viterbi.py [--tiles 4096] [--bits 2,3,4,5,6,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from trellm.kernels.viterbi import viterbi
+from trellm.quant.convert.viterbi import decode_states, viterbi_ref
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", type=int, default=4096)
+    ap.add_argument("--bits", default="2,3,4,5,6,8")
+    ap.add_argument("--codebook", default="mul1")
+    args = ap.parse_args()
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        x = torch.randn(args.tiles, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(bits))
+        viterbi(x[:8], bits, args.codebook)  # compile
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        states = viterbi(x, bits, args.codebook)
+        torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        mse = float(((decode_states(states, args.codebook) - x) ** 2).mean())
+        ref = viterbi_ref(x[:64], bits, args.codebook)
+        same = float((ref == states[:64]).all(dim=1).float().mean())
+        rows.append({"bits": bits, "tiles_per_s": round(args.tiles / sec), "layer_4096x14336_s": round(229376 / (args.tiles / sec), 1),
+                     "mse": round(mse, 5), "same_as_ref": same})
+    print(f"card: {torch.cuda.get_device_name()}")
+    print(f"{'K':>3} {'tiles/s':>10} {'4096x14336 s':>13} {'MSE':>9} {'= ref':>6}")
+    for r in rows:
+        print(f"{r['bits']:>3} {r['tiles_per_s']:>10} {r['layer_4096x14336_s']:>13} {r['mse']:>9} {r['same_as_ref']:>6}")
+    print(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Viterbi trellis search on the GPU: many 256-weight tiles in parallel (issue 4).
+
+Same search, same tie-breaking and same result as `viterbi_ref` (trellm/quant/convert/viterbi.py,
+the torch reference, which explains the trellis). What makes it fit a GPU: between two steps only
+the 2^(16-K) group minima have to be kept, not the 2^16 state costs. At step p the cost of state
+s' = (hi << (16-K)) | g is best_p[s' >> K] + (x_p - value(s'))^2, and the next step needs only
+best_{p+1}[g] = min over hi of that (and which hi won, the backpointer). So one program per tile
+holds a minima vector of 2^(16-K) floats (16 KB at K = 4) in a double buffer, evaluates the 2^16
+candidates of each step in chunks of [2^K, GC] (hi × group), and writes K-bit backpointers
+(one byte each) per group and step. A second kernel walks the backpointers back, vectorised
+over tiles.
+
+Layout of the scratch buffers (per tile): best [2, G] fp32, back [L + 1, G] uint8 where back[p][g]
+is the hi bits of the state at step p - 1 on the best path into group g at step p (back[L] serves
+the free end). Floats add in the reference's order (err + best), so interpreted runs match it
+exactly; a GPU build may contract (x - v)^2 + best into an FMA, so near-ties can pick another
+path of (almost) the same cost.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trellm.quant import exl3_format as fmt
+
+NUM_STATES = 1 << 16
+BACK_BYTES = 1 << 30  # backpointer memory per launch; larger batches of tiles run in several launches
+
+
+@triton.jit
+def _viterbi_forward_kernel(x_ptr, lut_ptr, start_ptr, best_ptr, back_ptr, end_ptr, L,
+                            K: tl.constexpr, GC: tl.constexpr, FORCED: tl.constexpr):
+    """Group minima through all L steps of one tile; stores backpointers and the path's last state."""
+    G: tl.constexpr = 1 << (16 - K)
+    HI: tl.constexpr = 1 << K
+    tile = tl.program_id(0).to(tl.int64)
+    best = best_ptr + tile * 2 * G
+    back = back_ptr + tile * (L + 1) * G
+    hi = tl.arange(0, HI)[:, None]  # [HI, 1]
+    gc = tl.arange(0, GC)[None, :]  # [1, GC]
+    # Before step 0: every state free (all minima 0, hi 0 like argmin of a zero vector), or only the
+    # forced start state (its group's minimum 0 with the start's hi bits, every other group +inf).
+    start = tl.load(start_ptr + tile)  # (unused unless FORCED)
+    for g0 in range(0, G, GC):
+        g = g0 + tl.arange(0, GC)
+        if FORCED:
+            tl.store(best + g, tl.where(g == (start & (G - 1)), 0.0, float("inf")))
+            tl.store(back + g, tl.where(g == (start & (G - 1)), start >> (16 - K), 0).to(tl.uint8))
+        else:
+            tl.store(best + g, tl.zeros([GC], tl.float32))
+            tl.store(back + g, tl.zeros([GC], tl.uint8))
+    tl.debug_barrier()
+    for p in range(L):
+        x = tl.load(x_ptr + tile * L + p)
+        src = best + (p % 2) * G
+        dst = best + ((p + 1) % 2) * G
+        for g0 in range(0, G, GC):
+            g2 = g0 + gc  # the group of the next step's states = this step's state without its hi bits
+            s = (hi << (16 - K)) | g2  # [HI, GC] this step's states
+            d = x - tl.load(lut_ptr + s)
+            cand = d * d + tl.load(src + (s >> K))
+            m, arg = tl.min(cand, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(dst + g0 + tl.arange(0, GC), m)
+            tl.store(back + (p + 1) * G + g0 + tl.arange(0, GC), arg.to(tl.uint8))
+        tl.debug_barrier()
+    # The last state: the start again for a ring, else the cheapest (first on ties).
+    if FORCED:
+        tl.store(end_ptr + tile, start)
+    else:
+        fin = best + (L % 2) * G
+        best_v = tl.full([], float("inf"), tl.float32)
+        best_g = tl.zeros([], tl.int32)
+        for g0 in range(0, G, GC):
+            v = tl.load(fin + g0 + tl.arange(0, GC))
+            m, arg = tl.min(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            better = m < best_v
+            best_g = tl.where(better, g0 + arg, best_g)
+            best_v = tl.where(better, m, best_v)
+        h = tl.load(back + L * G + best_g).to(tl.int32)
+        tl.store(end_ptr + tile, (h << (16 - K)) | best_g)
+
+
+@triton.jit
+def _viterbi_traceback_kernel(back_ptr, end_ptr, states_ptr, T, L, K: tl.constexpr, BT: tl.constexpr):
+    """States of BT tiles, from the last step back to the first."""
+    G: tl.constexpr = 1 << (16 - K)
+    tiles = tl.program_id(0) * BT + tl.arange(0, BT)
+    ok = tiles < T
+    s = tl.load(end_ptr + tiles, mask=ok, other=0)
+    base = tiles.to(tl.int64) * (L + 1) * G
+    for i in range(L):
+        p = L - 1 - i
+        tl.store(states_ptr + tiles.to(tl.int64) * L + p, s, mask=ok)
+        h = tl.load(back_ptr + base + p * G + (s >> K), mask=ok, other=0).to(tl.int32)
+        s = (h << (16 - K)) | (s >> K)
+
+
+def _search(targets: torch.Tensor, lut: torch.Tensor, bits: int, start: torch.Tensor | None) -> torch.Tensor:
+    t, length = targets.shape
+    groups = NUM_STATES >> bits
+    out = torch.empty(t, length, dtype=torch.int32, device=targets.device)
+    batch = max(1, BACK_BYTES // ((length + 1) * groups))
+    gc = max(1, 4096 >> bits)  # 4096 candidates per chunk
+    for t0 in range(0, t, batch):
+        t1 = min(t, t0 + batch)
+        n = t1 - t0
+        best = torch.empty(n, 2, groups, device=targets.device, dtype=torch.float32)
+        back = torch.empty(n, length + 1, groups, device=targets.device, dtype=torch.uint8)
+        end = torch.empty(n, device=targets.device, dtype=torch.int32)
+        st = start[t0:t1].to(torch.int32).contiguous() if start is not None else torch.zeros_like(end)
+        _viterbi_forward_kernel[(n,)](targets[t0:t1].contiguous(), lut, st, best, back, end, length,
+                                      K=bits, GC=gc, FORCED=start is not None, num_warps=8)
+        bt = 128
+        _viterbi_traceback_kernel[(triton.cdiv(n, bt),)](back, end, out[t0:t1], n, length, K=bits, BT=bt)
+    return out
+
+
+def viterbi(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
+    """The Triton counterpart of viterbi_ref: states [T, 256] (int64) of targets [T, 256]."""
+    from trellm.quant.convert.viterbi import WRAP_CONTEXT
+
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    targets = targets.float().contiguous()
+    lut = fmt.codebook_lut(codebook, targets.device).float().contiguous()
+    if not tail_biting:
+        return _search(targets, lut, bits, None).long()
+    length = targets.shape[1]
+    ctx = min(WRAP_CONTEXT, length // 2)
+    around = torch.cat([targets[:, length - ctx :], targets[:, :ctx]], dim=1)
+    wrap = _search(around, lut, bits, None)[:, ctx - 1]
+    return _search(targets, lut, bits, wrap).long()
