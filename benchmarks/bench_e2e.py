@@ -78,9 +78,12 @@ def main() -> None:
                                 head_bits=args.head_bits, shard_bytes=4 * 2**30)
     dtype = "bfloat16" if args.device != "cpu" else "float32"
     model = load_model(out, device=args.device, dtype=dtype)
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if args.device != "cpu" else None
     batches = [int(b) for b in args.batches.split(",")]
     gen = Generator(model, max_batch_tokens=max(2048, args.prefill), max_seqs=max(batches))
-    run_batch(gen, 1, 16, 4, cfg["vocab_size"], 0)  # warm-up: compiles kernels
+    for b in batches:  # warm-up: compiles kernels and captures each batch size's decode graph
+        run_batch(gen, b, args.prompt, 3, cfg["vocab_size"], 0)
+    gen.generate([Job(list(range(10, 10 + args.prefill)), max_new_tokens=1)])
     rows = [run_batch(gen, b, args.prompt, args.new, cfg["vocab_size"], b) for b in batches]
     t0 = time.perf_counter()
     gen.generate([Job(list(range(10, 10 + args.prefill)), max_new_tokens=1)])
@@ -88,6 +91,8 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "preset": args.preset,
               "format": args.format, "bits": args.bits if args.format == "exl3" else 16, "rows": rows,
               "prefill_tok_s": round(prefill, 1),
+              "weights_GB": round(weights_gb, 2) if weights_gb is not None else None,
+              "kv_cache_tokens": gen.pool.num_pages * gen.pool.page_size,
               "gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device != "cpu" else None}
     print(f"{'batch':>6} {'TTFT s':>8} {'decode tok/s':>13}")
     for r in rows:

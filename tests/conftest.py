@@ -21,6 +21,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def run_interpreted(script: str, timeout: int = 900) -> str:
+    """Run a Python script with TRITON_INTERPRET=1 (it must be set before triton is imported, hence a
+    child process) from the repository root; returns its stdout, failing the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
 @pytest.fixture(scope="session")
 def real_model_path():
     """Return a function name -> Path of the imported HF folder of a real model."""

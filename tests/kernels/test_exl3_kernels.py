@@ -57,6 +57,31 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("gemv", m, k, n, bits, cb, fma))
         out = exl3_gemm_dequant(xh, lin, torch.float32)
         if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("gemm", m, k, n, bits, cb))
+    # Linears sharing an input as one launch (stacked suh, concatenated trellis columns, per-group input),
+    # and a member alone on its column slice of the concatenated trellis (row stride wider than its tiles).
+    for m, fma in ((1, True), (3, False)):
+        lins = []
+        for n in (256, 128, 128):
+            lin = EXL3Linear(256, n, True)
+            tr, s1, s2 = random_linear(256, n, 3, generator=g)
+            lin.set_tensors(tr, suh=s1, svh=s2, codebook="mcg", bias=torch.randn(n, generator=g))
+            lins.append(lin)
+        x = torch.randn(m, 256, generator=g)
+        refs = [lin._forward_ref(x) for lin in lins]
+        trellis = torch.cat([lin.trellis for lin in lins], dim=1)
+        xh, xs = had_in(x, torch.stack([lin.suh for lin in lins]))
+        out = exl3_gemv(xh, xs, trellis, torch.cat([l.svh for l in lins]), torch.cat([l.bias for l in lins]), "mcg",
+                        512, torch.float32, programs=3, ta=4, num_warps=4, fma=fma, group_blocks=(2, 3))
+        ref = torch.cat(refs, dim=1)
+        if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("grouped gemv", m))
+        view = trellis[:, 16:24]
+        xh1, xs1 = had_in(x, lins[1].suh)
+        alone = exl3_gemv(xh1, xs1, view, lins[1].svh, lins[1].bias, "mcg", 128, torch.float32, programs=2, ta=4,
+                          num_warps=4, fma=fma)
+        if (alone - refs[1]).abs().max() > 5e-3 * refs[1].abs().max(): fails.append(("gemv on a view", m))
+        lins[1].trellis = view
+        if (exl3_gemm_dequant(xh1, lins[1], torch.float32) - refs[1]).abs().max() > 5e-3 * refs[1].abs().max():
+            fails.append(("dequant on a view", m))
     print("FAILS", fails)
 """)
 
@@ -101,3 +126,29 @@ def test_layer_kernels_match_reference_on_gpu(k, n, m, bits, codebook):
     # The layer gives the same answer twice, bit for bit (stream-K counters reset themselves and the
     # partial sums are added in a fixed order).
     torch.testing.assert_close(lin(x).float(), y, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16, 40])
+@pytest.mark.parametrize("bits, bias", [(4, False), (2, True)])
+def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
+    """q/k/v-like linears fused (one input transform + one GEMV) give each linear's own output; after
+    fusing, the members still run alone on their views of the fused tensors."""
+    from trellm.quant.exl3 import EXL3Linear
+    from trellm.quant.exl3_writer import random_linear
+
+    g = torch.Generator().manual_seed(m + bits)
+    lins = []
+    for n in (4096, 1024, 1024):
+        lin = EXL3Linear(4096, n, bias)
+        tr, suh, svh = random_linear(4096, n, bits, generator=g)
+        lin.set_tensors(tr, suh=suh, svh=svh, codebook="mul1", bias=torch.randn(n, generator=g) if bias else None,
+                        device="cuda")
+        lins.append(lin)
+    x = torch.randn(m, 4096, generator=g).cuda().to(torch.bfloat16)
+    refs = [lin._forward_ref(x.float()).float() for lin in lins]
+    run = EXL3Linear.fuse(lins)
+    assert run is not None
+    for y, ref, lin in zip(run(x), refs, lins):
+        assert (y.float() - ref).abs().max() <= 6e-3 * ref.abs().max()
+        assert (lin(x).float() - ref).abs().max() <= 6e-3 * ref.abs().max()

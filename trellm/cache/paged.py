@@ -1,13 +1,16 @@
 """Paged KV tensors and the attention backend of a continuously batched forward pass.
 
 Every layer's keys and values live in one preallocated tensor of pages
-[num_pages, page_size, num_kv_heads, head_dim]; which pages hold which sequence is the
-page pool's business (cache/pages.py). One forward pass computes a flat batch: the
-chunks of several sequences (prompt pieces and single decode tokens) concatenated along
-the token axis, B = 1. For each chunk the backend writes the new keys and values into
-the sequence's pages and attends over the sequence's whole prefix read back from its
-pages. This is the torch reference of paged attention (any device); the Triton kernels
-of issue 5 replace the gather + attention_ref pair on GPUs.
+[num_pages + 1, page_size, num_kv_heads, head_dim]; which pages hold which sequence is the
+page pool's business (cache/pages.py). The extra last page is scratch: rows that only pad a
+batch (the fixed-size batches of captured CUDA graphs) write there and read from there.
+
+One forward pass computes a flat batch: the chunks of several sequences (prompt pieces and
+single decode tokens) concatenated along the token axis, B = 1. A `PagedStep` describes that
+batch with device tensors — each token's cache slot, each sequence's page row, first position
+and query rows — so that the same step object can live inside a CUDA graph. For each layer it
+writes the new keys and values into their slots and attends over every sequence's prefix: the
+Triton kernel (kernels/paged_attention.py) on GPUs, the torch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -36,16 +39,17 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, *, num_pages: int, page_size: int, device: torch.device | str,
                  dtype: torch.dtype):
         self.num_pages, self.page_size = num_pages, page_size
+        self.scratch = num_pages  # index of the padding rows' page (outside the pool)
         self.device = torch.device(device)
-        shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)  # [num_pages, page_size, Hkv, D]
+        shape = (num_pages + 1, page_size, cfg.num_kv_heads, cfg.head_dim)  # [pages + scratch, page_size, Hkv, D]
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.num_layers)]
 
     @staticmethod
     def pages_for_memory(cfg: ModelConfig, num_bytes: int, page_size: int, dtype: torch.dtype) -> int:
-        """How many pages `num_bytes` of KV memory hold."""
+        """How many pages `num_bytes` of KV memory hold (the scratch page included)."""
         per_page = 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
-        return num_bytes // per_page
+        return num_bytes // per_page - 1
 
     def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
         """Copy whole pages (source, destination) in every layer (forked sequences)."""
@@ -59,36 +63,85 @@ class PagedKVCache:
 
     def step(self, segments: Sequence[Segment]) -> PagedStep:
         """The backend for one forward pass over these segments."""
-        return PagedStep(self, segments)
+        ps = self.page_size
+        slots: list[int] = []
+        for s in segments:
+            assert len(s.pages) * ps >= s.start + s.length, "a segment's pages do not reach its last position"
+            slots += (s.pages[p // ps] * ps + p % ps for p in range(s.start, s.start + s.length))
+        width = max(len(s.pages) for s in segments)
+        table = [list(s.pages) + [self.scratch] * (width - len(s.pages)) for s in segments]
+        offsets = [0]
+        for s in segments:
+            offsets.append(offsets[-1] + s.length)
+        dev = self.device
+        return PagedStep(
+            self,
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            q_start=torch.tensor([s.start for s in segments], dtype=torch.int32, device=dev),
+            q_offsets=torch.tensor(offsets, dtype=torch.int32, device=dev),
+            max_q_len=max(s.length for s in segments),
+            segments=segments,
+        )
 
 
 class PagedStep:
-    def __init__(self, cache: PagedKVCache, segments: Sequence[Segment]):
-        self.cache, self.segments = cache, list(segments)
-        ps, dev = cache.page_size, cache.device
-        self._write, self._read = [], []  # flat slot indices (page · page_size + offset) per segment
-        for s in self.segments:
-            end = s.start + s.length
-            assert len(s.pages) * ps >= end, "a segment's pages do not reach its last position"
-            pos = torch.arange(end)
-            slots = torch.as_tensor(list(s.pages), dtype=torch.long)[pos // ps] * ps + pos % ps  # [end]
-            self._read.append(slots.to(dev))
-            self._write.append(slots[s.start :].to(dev))
+    """Where one flat batch's tokens go and what each attends to, as device tensors:
+    slots [T] (page · page_size + offset of each token), block_table [N, W] int32 (each sequence's
+    pages, padded with the scratch page), q_start [N] int32 (first position), q_offsets [N+1] int32
+    (query rows). max_q_len and splits are launch constants. `segments` (host lists, when known)
+    let the CPU reference build its masks without reading the tensors back."""
+
+    def __init__(self, cache: PagedKVCache, *, slots: torch.Tensor, block_table: torch.Tensor, q_start: torch.Tensor,
+                 q_offsets: torch.Tensor, max_q_len: int, splits: int | None = None,
+                 segments: Sequence[Segment] | None = None):
+        self.cache, self.slots, self.block_table = cache, slots, block_table
+        self.q_start, self.q_offsets, self.max_q_len = q_start, q_offsets, max_q_len
+        self.segments = list(segments) if segments is not None else None
+        self.use_kernel = cache.device.type == "cuda"
+        if splits is None:
+            splits = 1
+            if self.use_kernel and max_q_len == 1:
+                from trellm.kernels.paged_attention import decode_splits
+
+                splits = decode_splits(q_start.shape[0], cache.k[0].shape[2], cache.device)
+        self.splits = splits
         self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}  # (segment, window), shared by layers
+        self._read: list[torch.Tensor] | None = None  # per segment: the slots of its keys (reference path)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                params: AttentionParams) -> torch.Tensor:
         """q [1, T, H, D], k/v [1, T, Hkv, D] of the flat batch -> [1, T, H, D]."""
-        kc = self.cache.k[layer_idx].view(-1, *k.shape[2:])  # [num_pages · page_size, Hkv, D]
-        vc = self.cache.v[layer_idx].view(-1, *v.shape[2:])
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [pages, page_size, Hkv, D]
+        kc.view(-1, *k.shape[2:]).index_copy_(0, self.slots, k[0])
+        vc.view(-1, *v.shape[2:]).index_copy_(0, self.slots, v[0])
+        if self.use_kernel:
+            from trellm.kernels.paged_attention import paged_attention
+
+            return paged_attention(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params,
+                                   max_q_len=self.max_q_len, splits=self.splits)[None]
+        if self.segments is None:
+            from trellm.kernels.paged_attention import paged_attention_ref
+
+            return paged_attention_ref(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params)[None]
+        return self._attend_ref(kc, vc, q, params)
+
+    def _attend_ref(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, params: AttentionParams) -> torch.Tensor:
+        """The reference per segment with host-side indices and masks (shared by all layers of the step)."""
+        ps = self.cache.page_size
+        kf, vf = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+        if self._read is None:
+            self._read = []
+            for s in self.segments:
+                pos = torch.arange(s.start + s.length)
+                pages = torch.as_tensor(list(s.pages), dtype=torch.long)
+                self._read.append((pages[pos // ps] * ps + pos % ps).to(kc.device))
         out = []
         for i, s in enumerate(self.segments):
-            rows = slice(s.offset, s.offset + s.length)
-            kc[self._write[i]] = k[0, rows]
-            vc[self._write[i]] = v[0, rows]
-            keys, values = kc[self._read[i]][None], vc[self._read[i]][None]  # [1, end, Hkv, D]
+            keys, values = kf[self._read[i]][None], vf[self._read[i]][None]  # [1, end, Hkv, D]
             key = (i, params.window)
             if key not in self._masks:
                 self._masks[key] = attention_mask(s.start, s.length, s.start + s.length, params.window, q.device)
-            out.append(attention_ref(q[:, rows], keys, values, s.start, params, self._masks[key]))
+            out.append(attention_ref(q[:, s.offset : s.offset + s.length], keys, values, s.start, params,
+                                     self._masks[key]))
         return torch.cat(out, dim=1)

@@ -89,7 +89,7 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class Generator:
     def __init__(self, model: DecoderModel, *, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
                  cache_tokens: int | None = None, page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64):
+                 max_seqs: int = 64, cuda_graphs: bool = True):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         limit = cfg.max_position_embeddings
@@ -111,6 +111,12 @@ class Generator:
         self.pool = PagePool(pages, page_size)
         self.cache = PagedKVCache(cfg, num_pages=pages, page_size=page_size, device=model.device, dtype=model.dtype)
         self.scheduler = Scheduler(SchedulerConfig(self.max_seq_len, max_batch_tokens, max_seqs), self.pool)
+        # Decode-only passes replay captured CUDA graphs (engine/cuda_graphs.py); the rest run eagerly.
+        self.graphs = None
+        if cuda_graphs and model.device.type == "cuda":
+            from trellm.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, max_seq_len=self.max_seq_len, max_seqs=max_seqs)
         self._jobs: dict[int, _Running] = {}
         self._ids = itertools.count()
         self._compiler: ConstraintCompiler | None = None  # made on the first constrained job
@@ -188,12 +194,20 @@ class Generator:
                 if chunk.samples:
                     rows.append(len(ids) - 1)
                     samplers.append(chunk.seq_id)
-        dev = self.model.device
-        logits = self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
-                            self.cache.step(segments), max_seq_len=max(positions) + 1,
-                            select=torch.tensor(rows, device=dev, dtype=torch.long))[0]  # [len(rows), vocab]
+        logits = self._forward(ids, positions, segments, rows)  # [len(rows), vocab]
         with lock:
             return self._finish_pass(batch, logits, samplers)
+
+    def _forward(self, ids: list[int], positions: list[int], segments: list[Segment], rows: list[int]) -> torch.Tensor:
+        """Logits of the flat batch's rows `rows`: a CUDA-graph replay when every segment is one decode
+        token and a bucket holds them, else an eager pass."""
+        if self.graphs is not None and len(ids) == len(segments) and self.graphs.bucket(len(ids)) is not None:
+            logits = self.graphs.run(ids, positions, [s.pages for s in segments])
+            return logits if len(rows) == len(ids) else logits[rows]
+        dev = self.model.device
+        return self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
+                          self.cache.step(segments), max_seq_len=max(positions) + 1,
+                          select=torch.tensor(rows, device=dev, dtype=torch.long))[0]
 
     def _finish_pass(self, batch, logits: torch.Tensor, samplers: list[int]) -> list[JobResult]:
         live = [j for j, job_id in enumerate(samplers) if job_id in self._jobs]  # some may be cancelled by now

@@ -214,7 +214,9 @@ def dequantize(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | 
     ta, tc = 4, 8
     use_asm = trellis.device.type == "cuda" if use_asm is None else use_asm
     grid = (kt // ta, (c1 - c0) // (16 * tc))
-    _dequant_kernel[grid](trellis.view(torch.int32), q, nt, kt * 16, c1 - c0, c0, K=depth // 16, TA=ta, TC=tc,
+    assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
+    row_stride = trellis.stride(0) // depth  # in tiles: a column slice of a wider trellis works in place
+    _dequant_kernel[grid](trellis.view(torch.int32), q, row_stride, kt * 16, c1 - c0, c0, K=depth // 16, TA=ta, TC=tc,
                           CODEBOOK=CODEBOOK_IDS[codebook], TRANSPOSED=transposed, USE_ASM=use_asm)
     return q
 

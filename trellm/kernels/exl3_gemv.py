@@ -185,16 +185,20 @@ def _mma_span(x_ptr, tr_ptr, NT, M, stride_xm, row0, n_iter, col_tile, K: tl.con
 @triton.jit
 def _exl3_gemv_kernel(
     x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, NT, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG,
+    M, N, NT, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
-    STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0,
+    STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False,
 ):
     """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
     equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
     one column block, whole blocks, then the head of another; each piece is a segment. A block's
     segments publish their partial sums in fixed slots and the one that finishes last adds them
-    in slot order (deterministic), applies the epilogue and resets the block's counter."""
+    in slot order (deterministic), applies the epilogue and resets the block's counter.
+
+    Up to three linears that share an input run as one (q/k/v, gate/up): their trellis columns are
+    concatenated, and column blocks from GB1 (from GB2) read the second (third) transformed input,
+    stride_xg / stride_sg further on. NT is the trellis row stride in tiles."""
     pid = tl.program_id(0)
     rows = tl.arange(0, 16)
     u = pid * U // P
@@ -203,16 +207,21 @@ def _exl3_gemv_kernel(
         blk = u // CH
         c0 = u - blk * CH
         c1 = tl.minimum(CH, c0 + (u_end - u))
+        xg_ptr, xsg_ptr = x_ptr, xsum_ptr
+        if GROUPED:  # (a constexpr: single linears keep the pointers' alignment facts intact)
+            grp = (blk >= GB1).to(tl.int32) + (blk >= GB2).to(tl.int32)
+            xg_ptr = x_ptr + tl.multiple_of(grp * stride_xg, 16)
+            xsg_ptr = xsum_ptr + grp * stride_sg
         if FMA:
-            acc = _fma_span(x_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE)
+            acc = _fma_span(xg_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE)
         else:
-            acc = _mma_span(x_ptr, tr_ptr, NT, M, stride_xm, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM)
+            acc = _mma_span(xg_ptr, tr_ptr, NT, M, stride_xm, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM)
         cols = blk * 128 + tl.arange(0, 128)
         # Programs owning the block's first and last unit: owner(v) = ((v + 1)·P - 1) // U.
         first = ((blk * CH + 1) * P - 1) // U
         nseg = ((blk * CH + CH) * P - 1) // U - first + 1
         if nseg == 1:
-            _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
+            _epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols, CODEBOOK,
                       HAS_BIAS, C1, C2, 1024.0 if FMA else 0.0, KB_P2)
         else:
             keep = (rows[:, None] < M) & (cols[None, :] >= 0)
@@ -226,7 +235,7 @@ def _exl3_gemv_kernel(
                     acc += tl.load(ws_ptr + (slot + rows[:, None]) * 128 + tl.arange(0, 128)[None, :], mask=keep,
                                    other=0.0, cache_modifier=".cg")
                 tl.store(cnt_ptr + blk, 0)  # ready for the next call
-                _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
+                _epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
                           CODEBOOK, HAS_BIAS, C1, C2, 1024.0 if FMA else 0.0, KB_P2)
         u += c1 - c0
 
@@ -274,14 +283,23 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
               per_sm: int | None = None, programs: int | None = None, stages: int = 2,
-              probe: int = 0) -> torch.Tensor:
+              probe: int = 0, group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
+
+    Linears sharing an input (their trellis columns concatenated; the trellis may be a column slice of a
+    larger one): x_h [G <= 3, m, k_pad] from had_in with stacked suh, and group_blocks = the first
+    128-column block of each group after the first.
 
     One launch of a stream-K grid with as many programs as the GPU holds at once (per_sm / programs
     override that for tuning; ta, num_warps and stages are the launch shape)."""
-    m, k_pad = x_h.shape
+    m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
-    assert m <= BM and k_pad == kt * 16 and x_h.stride(1) == 1 and x_h.dtype == torch.float16
+    assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
+    assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
+    groups = x_h.shape[0] if x_h.dim() == 3 else 1
+    assert len(group_blocks) == groups - 1 <= 2 and x_sums.dim() == x_h.dim()
+    gb = [*group_blocks, *[nt // 8] * (2 - len(group_blocks))]  # blocks past the end: one group
+    stride_xg, stride_sg = (x_h.stride(0), x_sums.stride(0)) if groups > 1 else (0, 0)
     if depth % 16 or not 1 <= depth // 16 <= 8:
         raise ValueError(f"the fused kernel handles integer K = 1..8, got trellis depth {depth}")
     fma = m == 1 if fma is None else fma
@@ -290,23 +308,28 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     tr = trellis.view(torch.int32)
     # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
     key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
-           stages, probe)
+           stages, probe, groups > 1)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
         return (x_h, x_sums, tr, svh, bias if bias is not None else svh, y, ws, cnt,
-                m, n, nt, x_h.stride(0), y.stride(0), kt // 8, kt // consts["TA"], nt // 8 * (kt // consts["TA"]), p,
-                maxseg)
+                m, n, trellis.stride(0) // depth, x_h.stride(-2), y.stride(0), kt // 8, kt // consts["TA"],
+                nt // 8 * (kt // consts["TA"]), p, maxseg, *gb, stride_xg, stride_sg)
 
     if plan is None:
-        if ta is None:  # tile rows per iteration: k_pad is a multiple of 128, so kt of 8
-            ta = (16 if kt % 16 == 0 else 8) if fma else 2
+        # Tile rows per iteration (k_pad is a multiple of 128, so kt of 8). The FMA kernel gives every
+        # thread one tile of the TA × 8 per iteration. k_pad = 256 with TA = 16 (one chunk) crashes
+        # Triton 3.6's coalescing pass on an H200; TA = 8 with 4 warps compiles and is checked there.
+        if ta is None:
+            ta = (16 if kt % 16 == 0 and kt != 16 else 8) if fma else 2
+            if fma and kt == 16 and num_warps is None:
+                num_warps = 4
         assert kt % ta == 0
-        # The FMA kernel gives every thread one tile of the TA × 8 per iteration.
         num_warps = num_warps if num_warps is not None else (max(1, ta // 4) if fma else 4)
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
                       USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
-                      KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe)
+                      KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
+                      GROUPED=groups > 1)
         n_blocks, chunks = nt // 8, kt // ta
         if programs is None:
             if per_sm is None and not x_h.is_cuda:

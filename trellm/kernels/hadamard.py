@@ -30,19 +30,20 @@ def hadamard_128(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, stride_xm, stride_om, BM: tl.constexpr):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr):
+    pid_m, pid_k, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)  # [BM]
     cols = pid_k * 128 + tl.arange(0, 128)  # [128]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
                 mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)  # [BM, 128]
-    xs = (x.to(tl.float32) * tl.load(suh_ptr + cols).to(tl.float32)).to(tl.float16)
+    xs = (x.to(tl.float32) * tl.load(suh_ptr + grp * K_PAD + cols).to(tl.float32)).to(tl.float16)
     r = tl.arange(0, 128)
     h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])  # [128, 128] fp16
     y = tl.dot(xs, h).to(tl.float16)  # [BM, 128]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y, mask=rows[:, None] < M)
+    tl.store(out_ptr + grp * M * stride_om + rows[:, None] * stride_om + cols[None, :], y, mask=rows[:, None] < M)
     # Row sums of the rounded block: the mul1 matmul applies its codebook offset through them.
-    tl.store(sums_ptr + rows * tl.num_programs(1) + pid_k, tl.sum(y.to(tl.float32), axis=1), mask=rows < M)
+    kb = tl.num_programs(1)
+    tl.store(sums_ptr + (grp * M + rows) * kb + pid_k, tl.sum(y.to(tl.float32), axis=1), mask=rows < M)
 
 
 @triton.jit
@@ -77,14 +78,17 @@ def _had_out_kernel(y_ptr, svh_ptr, bias_ptr, out_ptr, M, N, stride_ym, stride_o
 
 def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [m, k] (any float dtype, unit column stride), suh fp16 [k_pad] ->
-    (x' fp16 [m, k_pad], fp32 [m, k_pad/128] sums of x' over each 128-block)."""
+    (x' fp16 [m, k_pad], fp32 [m, k_pad/128] sums of x' over each 128-block).
+    With suh [G, k_pad] (linears sharing an input, each with its own signs and scales) one launch
+    transforms x for all of them: x' [G, m, k_pad], sums [G, m, k_pad/128]."""
     m, k = x.shape
-    k_pad = suh.shape[0]
-    assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad, (x.shape, x.stride(), suh.shape)
-    out = torch.empty(m, k_pad, device=x.device, dtype=torch.float16)
-    sums = torch.empty(m, k_pad // 128, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, 16), k_pad // 128)
-    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, x.stride(0), out.stride(0), BM=16)
+    k_pad = suh.shape[-1]
+    assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad and suh.is_contiguous(), (x.shape, x.stride(), suh.shape)
+    groups = suh.shape[:-1]
+    out = torch.empty(*groups, m, k_pad, device=x.device, dtype=torch.float16)
+    sums = torch.empty(*groups, m, k_pad // 128, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, 16), k_pad // 128, suh.numel() // k_pad)
+    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, k_pad, x.stride(0), k_pad, BM=16)
     return out, sums
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trellm.layers.linear import Linear
+from trellm.layers.linear import Linear, fuse_linears
 from trellm.layers.norms import RMSNorm
 from trellm.layers.rope import apply_rope
 from trellm.quant.base import MethodFor
@@ -113,19 +113,29 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, methods=methods, name=f"{prefix}.v_proj")
         self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, methods=methods, name=f"{prefix}.o_proj")
         self.q_norm = qk_norm
+        self.qkv = None  # q/k/v as one matmul (fuse_projections, after loading)
         self.k_norm = None if qk_norm is None else RMSNorm(
             head_dim, qk_norm.eps, offset=qk_norm.offset, weight_in_fp32=qk_norm.weight_in_fp32
         )
+
+    def fuse_projections(self) -> None:
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q.is_cuda:
+            from trellm.kernels.fused import apply_rope_qk
+
+            q, k = apply_rope_qk(q, k, cos, sin)  # one kernel
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = backend.attend(self.layer_idx, q, k, v, self.params)  # [B, T, H, D]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))

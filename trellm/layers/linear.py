@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -23,3 +25,11 @@ class Linear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         return self.impl.dense_weight()
+
+
+def fuse_linears(linears: list[Linear]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """One matmul for linears that read the same input, when their format can (LinearImpl.fuse)."""
+    impls = [lin.impl for lin in linears]
+    if any(type(i) is not type(impls[0]) for i in impls):
+        return None
+    return type(impls[0]).fuse(impls)

@@ -22,6 +22,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)  # [dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from trellm.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_fp32)
+        return self._forward_ref(x)
+
+    def add_norm(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + x, norm(h + x)): the residual add and the next norm, one kernel on CUDA."""
+        if h.is_cuda and x.shape == h.shape:
+            from trellm.kernels.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_fp32, residual=h)
+        h = h + x
+        return h, self(h)
+
+    def _forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_in_fp32:

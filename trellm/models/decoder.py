@@ -75,8 +75,8 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.attn_norm(h), cos, sin, backend)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
-        h = h + a
-        m = self.mlp(self.mlp_norm(h))
+        h, x = self.mlp_norm.add_norm(h, a)  # h + a and its norm (one kernel on CUDA)
+        m = self.mlp(x)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
         return h + m
@@ -129,6 +129,15 @@ class DecoderModel(nn.Module):
             self.lm_head.impl.set_weight(self.embed_weight)
         else:
             self.lm_head.load(source, device=device, dtype=dtype)
+
+    def fuse_projections(self) -> None:
+        """On CUDA: q/k/v and gate/up, which share an input, each become one matmul (LinearImpl.fuse).
+        The Linear modules stay, but forward calls go around them (no hooks, no swapping their impl)."""
+        if self.device.type != "cuda":
+            return
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     # ---- forward --------------------------------------------------------------------------------------
 

@@ -71,8 +71,10 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(
-    path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    path: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    fuse: bool = True,
 ) -> DecoderModel:
+    """fuse=False keeps every linear a separate call (the converter hooks and replaces single linears)."""
     path = Path(path)
     cfg = load_config(path)
     spec = get_arch(cfg.architecture)
@@ -83,6 +85,8 @@ def load_model(
     source = WeightSource(CheckpointReader(path), fused_parts(cfg, spec))
     model = DecoderModel(cfg, spec, method_chooser(cfg, source))
     model.load(source, device=dev, dtype=dt)
+    if fuse:
+        model.fuse_projections()
     model.eval()
     log.info("loaded %s (%s) on %s in %s", path.name, cfg.architecture, dev, dt)
     return model

@@ -40,6 +40,13 @@ class LinearImpl(nn.Module, ABC):
         """Short human description of the storage, for `trellm inspect`."""
         return type(self).__name__
 
+    @staticmethod
+    def fuse(impls: list[LinearImpl]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+        """One matmul for several linears of this format that read the same input (q/k/v, gate/up), or
+        None where the format cannot. The result maps x to the list of outputs. The members keep
+        working alone (their tensors become views into the fused ones, so nothing is stored twice)."""
+        return None
+
 
 class QuantMethod(ABC):
     name: str

@@ -10,6 +10,7 @@ is wrong). The forward pass dispatches by device and batch size:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,46 @@ class EXL3Linear(LinearImpl):
         else:
             y = self._forward_ref(x2)
         return y.reshape(*shape[:-1], self.out_features)
+
+    @staticmethod
+    def fuse(impls: list[LinearImpl]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+        """Up to three CUDA linears with the same input size, bits and codebook, every output a multiple
+        of 128: their trellis columns are concatenated and decode batches (m <= 16) run one input
+        transform (each member's own suh) and one stream-K GEMV for all of them."""
+        if not 2 <= len(impls) <= 3 or not all(isinstance(i, EXL3Linear) and i.trellis is not None for i in impls):
+            return None
+        first = impls[0]
+        if first.trellis.device.type != "cuda" or not float(first.bits).is_integer() or any(
+                i.bits != first.bits or i.codebook != first.codebook or i.k_pad != first.k_pad
+                or i.out_features % 128 or (i.bias is None) != (first.bias is None) for i in impls):
+            return None
+        trellis = torch.cat([i.trellis for i in impls], dim=1)  # [k/16, sum n/16, 16K]
+        svh = torch.cat([i.svh for i in impls])
+        bias = torch.cat([i.bias for i in impls]) if first.bias is not None else None
+        suh = torch.stack([i.suh for i in impls])  # [G, k_pad]
+        sizes = [i.out_features for i in impls]
+        col = 0
+        blocks = []
+        for i in impls:  # members keep their own path, on views of the fused tensors
+            i.trellis = trellis[:, col // 16 : (col + i.out_features) // 16]
+            i.svh = svh[col : col + i.out_features]
+            i.bias = bias[col : col + i.out_features] if bias is not None else None
+            col += i.out_features
+            blocks.append(col // 128)
+        group_blocks = tuple(blocks[:-1])
+
+        def run(x: torch.Tensor) -> list[torch.Tensor]:
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] > 16:  # prefill: each member's dequantize + cuBLAS path
+                return [i(x) for i in impls]
+            from trellm.kernels.exl3_gemv import exl3_gemv
+            from trellm.kernels.hadamard import had_in
+
+            x_h, x_sums = had_in(x2.contiguous(), suh)
+            y = exl3_gemv(x_h, x_sums, trellis, svh, bias, first.codebook, col, x.dtype, group_blocks=group_blocks)
+            return [part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes, dim=1), sizes)]
+
+        return run
 
     def _forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: y = had(had(x ⊙ suh) · Q) ⊙ svh + bias, fp32 math, Q cached."""

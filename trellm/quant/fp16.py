@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,24 @@ class DenseLinear(LinearImpl):
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight
+
+    @staticmethod
+    def fuse(impls: list[LinearImpl]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+        """Concatenated rows: one GEMM/GEMV instead of one per linear."""
+        if not all(isinstance(i, DenseLinear) and i.weight is not None for i in impls):
+            return None
+        first = impls[0]
+        if any(i.weight.dtype != first.weight.dtype or i.weight.device != first.weight.device
+               or i.in_features != first.in_features or (i.bias is None) != (first.bias is None) for i in impls):
+            return None
+        weight = torch.cat([i.weight for i in impls])  # [sum out, in]
+        bias = torch.cat([i.bias for i in impls]) if first.bias is not None else None
+        sizes, row = [i.out_features for i in impls], 0
+        for i in impls:  # members become views of the fused rows
+            i.weight = weight[row : row + i.out_features]
+            i.bias = bias[row : row + i.out_features] if bias is not None else None
+            row += i.out_features
+        return lambda x: list(F.linear(x, weight, bias).split(sizes, dim=-1))
 
     def describe(self) -> str:
         return str(self.weight.dtype).removeprefix("torch.") if self.weight is not None else "unloaded"

@@ -208,7 +208,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
         raise ConvertError(f"{work} has files but no job.json: it is not a trellm conversion folder")
 
     t_start = time.perf_counter()
-    model = load_model(src, device=device, dtype="float32")
+    model = load_model(src, device=device, dtype="float32", fuse=False)  # hooks and installs per linear
     dev = model.device
     cfg = model.config
     slots = _slots(model)

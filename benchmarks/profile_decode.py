@@ -1,0 +1,78 @@
+"""Where a decode step's time goes: graph replay time per batch bucket (GPU time of one step, no host
+work) beside the kernel-by-kernel breakdown of one eager step (torch.profiler, GPU time by kernel name).
+
+    python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256]
+
+The model folder is written by bench_e2e.py (same presets) when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench_e2e import PRESETS
+from trellm.cache.paged import Segment
+from trellm.engine.generator import Generator
+from trellm.models.loader import load_model
+from trellm.quant.exl3_writer import write_random_exl3_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
+    ap.add_argument("--format", choices=("exl3", "bf16"), default="exl3")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--top", type=int, default=14)
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not (out / "config.json").is_file():
+        write_random_exl3_model(PRESETS[args.preset], out, bits=4 if args.format == "exl3" else None, head_bits=6,
+                                shard_bytes=4 * 2**30)
+    model = load_model(out, device="cuda", dtype="bfloat16")
+    batches = [int(b) for b in args.batches.split(",")]
+    gen = Generator(model, max_seqs=max(batches), cache_tokens=max(batches) * 2 * (args.ctx + 256))
+    ps = gen.cache.page_size
+    need = -(-(args.ctx + 1) // ps)
+    for b in batches:
+        pages = [list(range(i * need, (i + 1) * need)) for i in range(b)]
+        ids, pos = [17] * b, [args.ctx] * b
+        for _ in range(3):
+            gen.graphs.run(ids, pos, pages)
+        torch.cuda.synchronize()
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        graph = gen.graphs._graphs[gen.graphs.bucket(b)].graph
+        ev[0].record()
+        for _ in range(20):
+            graph.replay()
+        ev[1].record()
+        ev[1].synchronize()
+        replay_ms = ev[0].elapsed_time(ev[1]) / 20
+        segs = [Segment(i, args.ctx, 1, pages[i]) for i in range(b)]
+        step = lambda: model(torch.tensor([ids], device="cuda"), torch.tensor([pos], device="cuda"),  # noqa: E731
+                             gen.cache.step(segs), max_seq_len=args.ctx + 1)
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by_name[e.name[:60]][0] += e.device_time
+                by_name[e.name[:60]][1] += 1
+        total = sum(v[0] for v in by_name.values())
+        count = sum(v[1] for v in by_name.values())
+        print(f"\n== batch {b}: graph replay {replay_ms:.3f} ms/step; eager kernels {count}, "
+              f"sum of kernel time {total / 1000:.3f} ms")
+        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"{us:9.1f} µs {n:5d}x {us / n:7.2f} µs  {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Fused small ops of the decoder: RMSNorm (with the residual add before it), RoPE on q and k, act(gate)·up.
+
+In a decode step each of these is a handful of tiny torch kernels per layer (a norm alone is six);
+at batch 1 their launches cost more than the work. Each function here is one kernel that rounds
+exactly where the torch code in layers/ rounds (products and sums in fp32, rounded to the model
+dtype at the same points), so the two paths differ only in the order of the norm's sum of squares.
+The torch code in layers/ is the reference; these run only on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, stride_x, stride_r, stride_o,
+                     HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RES:  # s = h + x (rounded like torch's add): the new residual, stored beside the norm
+        x = (tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+             + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_o + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if W_FP32:  # Gemma: multiply by (offset + w) in fp32, round once
+        y = xf * r * (offset + w)
+    else:  # Llama: round the normalised x, multiply by the (offset-added, rounded) weight in the model dtype
+        n = (xf * r).to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = n * (w + offset).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, weight_in_fp32: bool,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dimension. With `residual` (x-shaped): returns (residual + x, its norm),
+    the add and the norm in one pass over the row."""
+    shape, n = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
+    res = summed = x2
+    if residual is not None:
+        assert residual.shape == shape, "the residual must have x's shape"
+        res = residual.reshape(-1, n)
+        if res.stride(-1) != 1:
+            res = res.contiguous()
+        summed = torch.empty_like(out)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, n, eps, float(offset), x2.stride(0), res.stride(0),
+                                     out.stride(0), HAS_RES=residual is not None, W_FP32=weight_in_fp32, BLOCK=block,
+                                     num_warps=min(16, max(1, block // 256)))
+    if residual is None:
+        return out.view(shape)
+    return summed.view(shape), out.view(shape)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, HQ, HK, stride_qt, stride_kt, stride_ct,
+                 D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF_PAD)
+    i_ok = i < HALF
+    c1 = tl.load(cos_ptr + t * stride_ct + i, mask=i_ok).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + i, mask=i_ok).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + t * stride_ct + HALF + i, mask=i_ok).to(tl.float32)[None, :]
+    for which in tl.static_range(2):
+        if which == 0:
+            ptr, nh, stride = q_ptr, HQ, stride_qt
+        else:
+            ptr, nh, stride = k_ptr, HK, stride_kt
+        for h0 in range(0, nh, BLOCK_H):
+            h = h0 + heads
+            p = ptr + t * stride + h[:, None] * D + i[None, :]
+            ok = (h < nh)[:, None] & i_ok[None, :]
+            x1 = tl.load(p, mask=ok, other=0.0)
+            x2 = tl.load(p + HALF, mask=ok, other=0.0)
+            ty = x1.dtype
+            # x·cos + rotate_half(x)·sin with torch's roundings: each product, then the sum.
+            a1 = (x1.to(tl.float32) * c1).to(ty).to(tl.float32)
+            b1 = (-x2.to(tl.float32) * s1).to(ty).to(tl.float32)
+            a2 = (x2.to(tl.float32) * c2).to(ty).to(tl.float32)
+            b2 = (x1.to(tl.float32) * s2).to(ty).to(tl.float32)
+            tl.store(p, (a1 + b1).to(ty), mask=ok)
+            tl.store(p + HALF, (a2 + b2).to(ty), mask=ok)
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first rotary_dim channels of q [.., T, Hq, D] and k [.., T, Hk, D] by cos/sin
+    [.., T, rotary_dim] (model dtype); in place where each is a view of unit-stride head rows (fresh
+    projections), else on a contiguous copy. Returns the rotated (q, k)."""
+    d, rd = q.shape[-1], cos.shape[-1]
+
+    def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2 = x.reshape(-1, x.shape[-2], d)
+        if x2.data_ptr() != x.data_ptr() or x2.stride(1) != d or x2.stride(2) != 1 or not _is_view(x2, x):
+            x = x.contiguous()
+            x2 = x.view(-1, x.shape[-2], d)
+        return x, x2
+
+    q, q2 = rows(q)
+    k, k2 = rows(k)
+    c2, s2 = cos.reshape(-1, rd).contiguous(), sin.reshape(-1, rd).contiguous()
+    hq, hk = q2.shape[1], k2.shape[1]
+    _rope_kernel[(q2.shape[0],)](q2, k2, c2, s2, hq, hk, q2.stride(0), k2.stride(0), c2.stride(0), D=d, HALF=rd // 2,
+                                 HALF_PAD=triton.next_power_of_2(rd // 2),
+                                 BLOCK_H=min(16, triton.next_power_of_2(max(hq, hk))))
+    return q, k
+
+
+def _is_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (from reshape) shares b's storage rather than being a copy."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@triton.jit
+def _tanh(x):
+    e = tl.exp(-2.0 * tl.abs(x))
+    return tl.where(x >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+
+
+@triton.jit
+def _act_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, stride_o, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row, pid = tl.program_id(0), tl.program_id(1)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+    x = g.to(tl.float32)
+    if ACT == 0:  # silu
+        a = x / (1.0 + tl.exp(-x))
+    elif ACT == 1:  # gelu, tanh approximation
+        a = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACT == 2:  # gelu, exact
+        a = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:  # relu
+        a = tl.maximum(x, 0.0)
+    a = a.to(g.dtype).to(tl.float32)  # torch rounds the activation before the product
+    tl.store(out_ptr + row * stride_o + cols, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2, "relu": 3}
+
+
+def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) · up, elementwise over [.., N] tensors with unit last stride."""
+    n = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
+        g2, u2 = g2.contiguous(), u2.contiguous()
+    out = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
+    block = 1024
+    _act_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
+                                                          ACT=ACT_CODES[act], BLOCK=block)
+    return out.view(gate.shape)
