@@ -108,6 +108,34 @@ def test_fork_shares_committed_pages_and_copies_the_partial_one():
     pool.check()
 
 
+def test_truncate_copies_a_shared_committed_page_and_releases_the_rest():
+    """Rewinding into a committed page must not write into it (another sequence shares it): the
+    sequence continues on a private copy; pages past the cut are released; later commits work."""
+    pool = PagePool(12, page_size=4)
+    tokens = list(range(50, 61))  # 11 tokens: pages 0, 1 full, page 2 partial
+    a = pool.open(tokens)
+    pool.commit(a, tokens)
+    b = pool.open(tokens[:8] + [1, 2])  # shares a's two committed pages
+    shared = list(a.pages[:2])
+    copies = pool.truncate(a, 6)  # keep 6 tokens: the cut is inside committed page 1
+    assert len(copies) == 1 and copies[0][0] == shared[1]
+    assert a.pages == [shared[0], copies[0][1]] and a.digests == [a.digests[0]] and a.capacity == 8
+    assert b.pages[:2] == shared  # b untouched
+    pool.check()
+    pool.grow(a, 11)
+    new_tokens = tokens[:6] + [9, 9, 9, 9, 9]
+    pool.commit(a, new_tokens)  # page 1 now holds other tokens: a new digest, not the shared page's
+    assert len(a.digests) == 2 and pool.match(tokens[:9]) == shared
+    assert pool.match(new_tokens[:9]) == a.pages[:2]
+    # a cut on a page boundary copies nothing; an uncommitted page is cut in place
+    assert pool.truncate(a, 8) == [] and len(a.pages) == 2
+    pool.check()
+    pool.close(a)
+    pool.close(b)
+    assert pool.available == 12
+    pool.check()
+
+
 def test_bad_pool_size():
     with pytest.raises(ValueError, match="at least one page"):
         PagePool(0)

@@ -270,3 +270,53 @@ def test_gpu_bf16_graph_logits_match_eager(tiny_model_dir):
                   max_seq_len=max(pos) + 1)[0].clone()
     replay = gen.graphs.run(ids, pos, [s.pages for s in segs]).clone()
     assert (replay - eager).abs().max().item() <= 2e-2 * eager.abs().max().item()
+
+
+def test_banned_strings_rewind_and_never_show(tiny_chat_model):
+    """Banned strings found in the greedy output: the job goes back to the token where each began and
+    samples again with it banned there. Nothing banned is ever returned, returned tokens and text
+    agree, and after every rewind (pages of 4 tokens: rewinds cut committed, shared pages) the model's
+    greedy choice holds at every position except the ones a ban changed."""
+    from trellm.io.tokenizer import Tokenizer
+
+    model = load_model(tiny_chat_model, device="cpu")
+    tok = Tokenizer.from_folder(tiny_chat_model)
+    prompt = tok.encode("The quick brown fox", add_special_tokens=True)
+    free = alone(model, prompt, 40)
+    text = tok.decode(free)
+    banned = [text[4:14], text[20:22]]  # in the greedy text; the first spans several 4-token pages
+    gen = Generator(model, tokenizer=tok, page_size=4)
+    # First in, so its committed pages are the ones the prefix cache keeps (and the twin shares).
+    job = gen.enqueue(Job(prompt, max_new_tokens=40, banned_strings=banned, logprobs=2))
+    gen.enqueue(Job(prompt, max_new_tokens=40))
+    got_text, got_tokens, logprobs, reasons, twin_tokens = "", [], [], [], []
+    for r in gen.stream():
+        if r.job_id != job:
+            twin_tokens += r.new_token_ids
+            continue
+        got_text += r.text
+        got_tokens += r.new_token_ids
+        logprobs += r.logprobs
+        reasons.append(r.finish_reason)
+        assert not any(b in got_text for b in banned)
+    assert gen.rewinds >= 1 and reasons[-1] == "length" and len(got_tokens) == 40
+    assert twin_tokens == free  # the rewinds never wrote into the pages the twin shares
+    cached_before = gen.pool.reused_tokens
+    assert gen.generate([Job(prompt + free[:20], max_new_tokens=20)])[0] == free[20:]  # nor into cached pages
+    assert gen.pool.reused_tokens - cached_before >= 16
+    assert got_text == tok.decode(got_tokens) and len(logprobs) == len(got_tokens)
+    assert not any(b in got_text for b in banned)
+    assert gen.pool.available == gen.pool.num_pages
+    # KV after the rewinds is right: one pass over prompt + output; greedy everywhere but <= one
+    # position per rewind (where the banned token was replaced).
+    ids = torch.tensor([prompt + got_tokens])
+    logits = model(ids, torch.arange(ids.shape[1])[None], PagedKVCache(model.config, num_pages=40, page_size=4,
+                   device="cpu", dtype=torch.float32).step([Segment(0, 0, ids.shape[1], list(range(40)))]),
+                   max_seq_len=ids.shape[1])[0]
+    greedy = logits[len(prompt) - 1 : -1].argmax(-1).tolist()
+    changed = sum(g != t for g, t in zip(greedy, got_tokens))
+    assert 1 <= changed <= gen.rewinds
+    with pytest.raises(GenerationError, match="tokenizer"):
+        Generator(model).enqueue(Job(prompt, banned_strings=["x"]))
+    with pytest.raises(GenerationError, match="empty"):
+        gen.enqueue(Job(prompt, banned_strings=[""]))

@@ -37,11 +37,16 @@ class Model:
         self.ps = pool.page_size
         self.kv: dict[tuple[int, int], tuple[int, ...]] = {}
         self.computed_tokens = 0
+        self.salt: dict = {}  # per sequence: rewound sequences continue differently (as after a ban)
 
     def run(self, batch, sched: Scheduler) -> dict:
         """All chunks of a batch run at once, as on a GPU: every read sees the KV as it was before
         the batch, and no two chunks write the same slot."""
         sampled, writes = {}, {}
+        for src, dst in batch.copies:  # page copies come before the pass
+            for off in range(self.ps):
+                if (src, off) in self.kv:
+                    self.kv[(dst, off)] = self.kv[(src, off)]
         for chunk in batch.chunks:
             full = sched.tokens(chunk.seq_id)  # the sequence so far, as the scheduler knows it
             end = chunk.start + len(chunk.tokens)
@@ -57,7 +62,8 @@ class Model:
             self.computed_tokens += len(chunk.tokens)
             if chunk.samples:
                 assert end == len(full)
-                sampled[chunk.seq_id] = next_token(full)
+                salt = self.salt.get(chunk.seq_id, 0)
+                sampled[chunk.seq_id] = next_token(full + [VOCAB + salt] if salt else full)
         self.kv.update(writes)
         return sampled
 
@@ -165,10 +171,11 @@ def test_finish_and_cancel_release_pages():
     assert pool.available == pool.num_pages
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(12))
 def test_randomized_stress(seed):
-    """Random arrivals (prompts sharing stems), random cancels, a small pool: every finished answer
-    equals the answer alone, no step exceeds its limits, the pool ends full."""
+    """Random arrivals (prompts sharing stems), random cancels and rewinds (banned strings), a small
+    pool: every chunk reads exactly the right KV, every finished answer that was not rewound equals the
+    answer alone, no step exceeds its limits, the pool ends full."""
     rng = random.Random(seed)
     ps = rng.choice([2, 4, 8])
     pool = PagePool(rng.randrange(12, 40), page_size=ps)
@@ -176,27 +183,47 @@ def test_randomized_stress(seed):
                           max_seqs=rng.randrange(1, 8))
     sched = Scheduler(cfg, pool)
     stems = [[rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))] for _ in range(3)]
-    model, outputs, reqs, cancelled = Model(pool), {}, {}, set()
+    model, outputs, reqs, cancelled, rewound, ghosts = Model(pool), {}, {}, set(), set(), []
+    due: list[tuple[int, list[int]]] = []  # (step, prompt) of ghost requests to come
     next_id = 0
 
-    def arrive():
+    def add(prompt):
         nonlocal next_id
+        r = Request(next_id, prompt, rng.randrange(1, 15))
+        next_id += 1
+        try:
+            sched.add(r)
+            reqs[r.seq_id] = r
+        except GenerationError:
+            assert len(prompt) + r.max_new_tokens > cfg.max_seq_len or \
+                pool.pages_for(len(prompt) + r.max_new_tokens) > pool.num_pages
+
+    def arrive():
         for _ in range(rng.choice([0, 0, 0, 1, 2])):
             prompt = (rng.choice(stems) + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))])
-            r = Request(next_id, prompt, rng.randrange(1, 15))
-            next_id += 1
-            try:
-                sched.add(r)
-                reqs[r.seq_id] = r
-            except GenerationError:
-                assert len(prompt) + r.max_new_tokens > cfg.max_seq_len or \
-                    pool.pages_for(len(prompt) + r.max_new_tokens) > pool.num_pages
+            if ghosts and rng.random() < 0.3:  # what a sequence held before a rewind: its cached pages
+                ghost = rng.choice(ghosts)
+                prompt = ghost[: rng.randrange(1, len(ghost) + 1)]
+            add(prompt)
+        for item in [d for d in due if d[0] <= clock]:  # and once, a few steps after the rewind rewrote them
+            due.remove(item)
+            add(item[1])
         if reqs and rng.random() < 0.05:
             victim = rng.choice(list(reqs))
             cancelled.add(victim)
             sched.cancel(victim)
+        if outputs and rng.random() < 0.1:  # a banned string: back a few tokens, continue differently
+            seq_id = rng.choice(list(outputs))
+            if seq_id in sched._seqs and outputs[seq_id]:
+                n = rng.randrange(1, len(outputs[seq_id]) + 1)
+                ghosts.append(sched.tokens(seq_id))
+                due.append((clock + rng.randrange(2, 7), ghosts[-1]))
+                sched.rewind(seq_id, n)
+                del outputs[seq_id][-n:]
+                model.salt[seq_id] = model.salt.get(seq_id, 0) + 1
+                rewound.add(seq_id)
 
-    for _ in range(300):
+    for clock in range(300):
         arrive()
         if not sched.idle:
             step(sched, model, outputs)
@@ -204,5 +231,8 @@ def test_randomized_stress(seed):
     for seq_id, r in reqs.items():
         if seq_id in cancelled:
             continue
+        if seq_id in rewound:  # continued differently after its rewinds, but to its full length
+            assert len(outputs[seq_id]) == r.max_new_tokens
+            continue
         assert outputs[seq_id] == alone(r.prompt, r.max_new_tokens), seq_id
-    assert pool.available == pool.num_pages
+    assert rewound and pool.available == pool.num_pages

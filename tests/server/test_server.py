@@ -84,6 +84,14 @@ def test_n_seed_stop_and_logprobs(client):
         stop = text[2:4]
         r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0, stop=[stop])
         assert r.choices[0].message.content == text[: text.find(stop)] and r.choices[0].finish_reason == "stop"
+        banned = text[1:4]  # extra body field: the answer avoids it, streamed or not
+        r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0,
+                                           extra_body={"banned_strings": [banned]})
+        assert banned not in r.choices[0].message.content and r.usage.completion_tokens == 20
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=20, temperature=0, stream=True,
+            extra_body={"banned_strings": [banned]}) if c.choices)
+        assert streamed == r.choices[0].message.content
     r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0, logprobs=True,
                                        top_logprobs=2)
     content = r.choices[0].logprobs.content

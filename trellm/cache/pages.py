@@ -158,18 +158,46 @@ class PagePool:
             moves.append((page, new))
         return twin, moves
 
+    def truncate(self, table: PageTable, num_tokens: int) -> list[tuple[int, int]]:
+        """Cut a sequence back to its first `num_tokens` tokens, which it keeps; the next ones will be
+        written again (a rewind). Pages past the cut are released. A committed page that holds the
+        cut may be shared, so the sequence continues on a private copy of it: returns the (source,
+        destination) page copies to make before the next write. OutOfPages (nothing changed) when no
+        page is free for that copy."""
+        keep = self.pages_for(num_tokens)  # pages holding kept tokens
+        copies = []
+        if len(table.digests) > num_tokens // self.page_size:
+            # the page with the cut is committed (its full contents are published): copy it
+            cut = num_tokens // self.page_size
+            if cut < keep:
+                if self.available == 0:
+                    raise OutOfPages("a page is needed to rewind a sequence; none is free")
+                new = self._take()
+                copies.append((table.pages[cut], new))
+                self._release(table.pages[cut])
+                table.pages[cut] = new
+            del table.digests[cut:]
+        for page in reversed(table.pages[keep:]):
+            self._release(page)
+        del table.pages[keep:]
+        table.capacity = len(table.pages) * self.page_size
+        return copies
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        assert self._refs[page] >= 0, f"page {page} released twice"
+        if self._refs[page] == 0:
+            if self._digest[page] is None:
+                self._free.append(page)
+            else:
+                self._lru[page] = None  # most recently released last
+
     def close(self, table: PageTable) -> None:
         """Release a finished or cancelled sequence's pages (committed ones stay cached)."""
         # Last page first: the LRU then evicts the deepest pages of a prefix before its first ones,
         # which more sequences share (a page is unreachable once any page before it is gone).
         for page in reversed(table.pages):
-            self._refs[page] -= 1
-            assert self._refs[page] >= 0, f"page {page} released twice"
-            if self._refs[page] == 0:
-                if self._digest[page] is None:
-                    self._free.append(page)
-                else:
-                    self._lru[page] = None  # most recently released last
+            self._release(page)
         table.pages, table.capacity, table.digests = [], 0, []
 
     def clear_cache(self) -> None:

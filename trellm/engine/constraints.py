@@ -67,6 +67,11 @@ class Matcher:
     def consume(self, token: int) -> None:
         self._m.consume_token(token)
 
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last num_tokens consumed tokens (a banned string sent the job back)."""
+        if num_tokens:
+            self._m.rollback(num_tokens)
+
     @property
     def done(self) -> bool:
         """The grammar is complete and allows no more tokens (or the matcher failed)."""

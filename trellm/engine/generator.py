@@ -45,6 +45,10 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: Sequence[int] = ()
     stop_strings: Sequence[str] = ()  # needs the generator's tokenizer; the text is cut before the match
+    # Strings the output must never contain (needs the tokenizer): when one appears, the job goes back to
+    # the token where it began and samples again with that token banned there. Tokens and text that may
+    # still become one are held back until they cannot.
+    banned_strings: Sequence[str] = ()
     logprobs: int = 0  # also return the log-probabilities of the sampled token and of the top `logprobs`
     constraint: Constraint | None = None  # JSON schema / regex / Lark grammar the output must follow
     identifier: Any = None  # returned with every result
@@ -73,6 +77,12 @@ class _Running:
     matcher: Matcher | None = None
     generated: list[int] = field(default_factory=list)
     pending: str = ""  # decoded text not yet returned (a stop string may be starting)
+    # With banned strings: (token, its text, its logprobs) not yet returned, and the tokens banned at
+    # a position of `generated` after rewinds.
+    held: list[tuple[int, str, Any]] = field(default_factory=list)
+    banned_at: dict[int, set[int]] = field(default_factory=dict)
+    cached: int | None = None  # prompt tokens from the prefix cache, for the first returned result
+    returned: int = 0  # tokens returned so far
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -121,6 +131,7 @@ class Generator:
         self._ids = itertools.count()
         self._compiler: ConstraintCompiler | None = None  # made on the first constrained job
         self.cancelled = 0  # jobs cancelled before they finished
+        self.rewinds = 0  # times a banned string sent a job back
 
     # -- jobs ------------------------------------------------------------------------------------
 
@@ -142,6 +153,10 @@ class Generator:
             raise GenerationError("stop strings need text: create the Generator with tokenizer=...")
         if any(not stop for stop in job.stop_strings):
             raise GenerationError("stop strings must not be empty")
+        if job.banned_strings and self.tokenizer is None:
+            raise GenerationError("banned strings need text: create the Generator with tokenizer=...")
+        if any(not b for b in job.banned_strings):
+            raise GenerationError("banned strings must not be empty")
         if not 0 <= job.logprobs <= 20:
             raise GenerationError(f"logprobs must be in [0, 20], got {job.logprobs}")
         matcher = None
@@ -225,8 +240,12 @@ class Generator:
         else:
             masked = logits
         # min_new_tokens bans the stop tokens; a grammar decides for itself when it may end.
-        params = [r.job.sampling if len(r.generated) >= r.job.min_new_tokens or not r.stop or r.matcher
-                  else replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *r.stop]) for r in runs]
+        params = []
+        for r in runs:
+            bans = [] if len(r.generated) >= r.job.min_new_tokens or r.matcher else list(r.stop)
+            bans += r.banned_at.get(len(r.generated), ())  # tokens that began a banned string here
+            params.append(replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *bans]) if bans
+                          else r.job.sampling)
         # Token histories only for the penalties that read them (copying them is O(length) per step).
         contexts = [self.scheduler.tokens(job_id) for job_id in samplers] if any(
             p.uses_history for p in params) else None
@@ -244,10 +263,18 @@ class Generator:
         for j, (job_id, tok) in enumerate(sampled.items()):
             run = self._jobs[job_id]
             run.generated.append(tok)
-            result = JobResult(job_id, run.job.identifier, [tok], cached_tokens=first.get(job_id))
+            lp = None
             if run.job.logprobs:
                 n = run.job.logprobs
-                result.logprobs.append((chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n]))))
+                lp = (chosen[j], list(zip(top_ids[j][:n], top_lp[j][:n])))
+            if run.job.banned_strings:
+                result = self._step_with_bans(job_id, run, tok, lp, job_id in at_limit, first.get(job_id))
+                if result is not None:
+                    results.append(result)
+                continue
+            result = JobResult(job_id, run.job.identifier, [tok], cached_tokens=first.get(job_id))
+            if lp is not None:
+                result.logprobs.append(lp)
             if run.matcher is not None and tok not in run.stop:
                 run.matcher.consume(tok)
             if tok in run.stop or (run.matcher is not None and run.matcher.done):
@@ -273,6 +300,73 @@ class Generator:
                 del self._jobs[job_id]
             results.append(result)
         return results
+
+    def _step_with_bans(self, job_id: int, run: _Running, tok: int, lp: Any, at_limit: bool,
+                        cached: int | None) -> JobResult | None:
+        """A job with banned strings got a token. Tokens are returned only with their whole text, once no
+        banned (or stop) string can start in it; a banned string that appears sends the job back to the
+        token where it began (that token is banned there). None when nothing can be returned yet."""
+        job = run.job
+        if cached is not None:
+            run.cached = cached
+        if run.matcher is not None and tok not in run.stop:
+            run.matcher.consume(tok)
+        stopped = tok in run.stop or (run.matcher is not None and run.matcher.done)
+        run.held.append((tok, run.detok.add(tok) if tok not in run.stop else "", lp))
+        if stopped or at_limit:
+            last, piece, last_lp = run.held[-1]
+            run.held[-1] = (last, piece + run.detok.flush(), last_lp)
+        text = "".join(piece for _, piece, _ in run.held)
+        hit = min((i for i in (text.find(b) for b in job.banned_strings) if i >= 0), default=-1)
+        release, reason, cut = len(run.held), None, len(text)
+        if hit >= 0:
+            k, start = 0, 0  # the held token whose text contains the banned string's first character
+            while start + len(run.held[k][1]) <= hit:
+                start += len(run.held[k][1])
+                k += 1
+            if not at_limit:  # rewind (the scheduler still has the sequence) and try again
+                drop = len(run.held) - k
+                self.scheduler.rewind(job_id, drop)
+                self.rewinds += 1
+                pos = len(run.generated) - drop
+                for later in [p for p in run.banned_at if p > pos]:  # bans made for a context now gone
+                    del run.banned_at[later]
+                run.banned_at.setdefault(pos, set()).add(run.held[k][0])
+                if run.matcher is not None:
+                    run.matcher.rollback(sum(1 for t, _, _ in run.held[k:] if t not in run.stop))
+                del run.generated[-drop:], run.held[k:]
+                run.detok = IncrementalDetokenizer(self.tokenizer)
+                for t in run.generated:  # the detokenizer's state at the kept tokens
+                    if t not in run.stop:
+                        run.detok.add(t)
+                return None
+            release, reason, cut = k, "length", start  # out of tokens: end before the banned string
+        else:
+            stop_at = min((i for i in (text.find(s) for s in job.stop_strings) if i >= 0), default=-1)
+            if stop_at >= 0:
+                reason, cut = "stop", stop_at
+            elif stopped or at_limit:
+                reason = "stop" if stopped else "length"
+            else:  # return whole tokens that end before anything that may start a banned or stop string
+                boundary = len(text) - held_back(text, [*job.banned_strings, *job.stop_strings])
+                release, end = 0, 0
+                while release < len(run.held) and end + len(run.held[release][1]) <= boundary:
+                    end += len(run.held[release][1])
+                    release += 1
+                cut = end
+        out, run.held = run.held[:release], run.held[release:]
+        if not out and reason is None:
+            return None
+        result = JobResult(job_id, job.identifier, [t for t, _, _ in out], text=text[:cut],
+                           cached_tokens=run.cached if run.returned == 0 else None)
+        result.logprobs = [lp for _, _, lp in out if lp is not None]
+        run.returned += len(out)
+        if reason is not None:
+            result.finished, result.finish_reason = True, reason
+            if not at_limit:
+                self.scheduler.finish(job_id)
+            del self._jobs[job_id]
+        return result
 
     def stream(self) -> Iterator[JobResult]:
         """Results until every queued job has finished."""

@@ -97,6 +97,7 @@ class Scheduler:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # admission order
         self._admitted = 0
+        self._copies: list[tuple[int, int]] = []  # page copies the next pass makes first (rewinds)
         self.preemptions = 0
 
     # -- requests --------------------------------------------------------------------------------
@@ -132,6 +133,22 @@ class Scheduler:
         if seq_id in self._seqs:
             self._drop(seq_id)
 
+    def rewind(self, seq_id: int | str, n: int) -> None:
+        """Forget the last n generated tokens of a sequence (a banned string appeared): its next token is
+        sampled again after what remains. The last kept token is computed again to get its logits."""
+        seq = self._seqs[seq_id]
+        if not 0 < n <= seq.generated:
+            raise ValueError(f"cannot rewind {n} tokens of a sequence with {seq.generated} generated")
+        del seq.tokens[-n:]
+        seq.generated -= n
+        keep = len(seq.tokens) - 1
+        seq.computed = min(seq.computed, keep)
+        if seq.table is not None:
+            try:
+                self._copies += self.pool.truncate(seq.table, keep)
+            except OutOfPages:
+                self._preempt(seq)  # no page for the copy: recompute it later
+
     def tokens(self, seq_id: int | str) -> list[int]:
         return list(self._seqs[seq_id].tokens)
 
@@ -156,7 +173,8 @@ class Scheduler:
 
     def schedule(self) -> Batch | None:
         """Plan one forward pass; None when there is nothing to do."""
-        batch = Batch()
+        batch = Batch(copies=self._copies)
+        self._copies = []
         budget = self.config.max_batch_tokens
         # 1. one token for every decoding sequence, preempting the newest when pages run out.
         for seq in sorted((s for s in self._running if s.state is State.DECODE), key=lambda s: s.order):
@@ -192,7 +210,10 @@ class Scheduler:
             end = min(len(seq.tokens), seq.computed + budget)
             batch.chunks.append(self._chunk(seq, seq.computed, end))
             budget -= end - seq.computed
-        return batch if batch.chunks else None
+        if not batch.chunks:
+            self._copies = batch.copies  # still to do before the first pass that writes
+            return None
+        return batch
 
     def update(self, batch: Batch, sampled: dict[int | str, int]) -> list[int | str]:
         """Record a finished forward pass: every chunk's KV is now cached, and sampling chunks got

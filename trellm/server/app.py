@@ -413,7 +413,7 @@ def _jobs(state: ServerState, req: _Sampling, prompt: list[int], max_new: int | 
             raise ApiError(400, str(e)) from e
         jobs.append(Job(prompt, max_new_tokens=max_new or limit - len(prompt), min_new_tokens=req.min_tokens,
                         sampling=sampling, stop_token_ids=state.llm.stop_token_ids, stop_strings=stops,
-                        logprobs=logprobs, constraint=constraint, identifier=i))
+                        banned_strings=req.banned_strings, logprobs=logprobs, constraint=constraint, identifier=i))
     return jobs
 
 

@@ -36,6 +36,7 @@ class _Sampling(BaseModel):
     dry_base: float = Field(1.75, ge=1)
     dry_allowed_length: int = Field(2, ge=1)
     min_tokens: int = Field(0, ge=0)
+    banned_strings: list[str] = Field(default_factory=list, max_length=64)  # never in the output
 
 
 class ChatMessage(BaseModel):
