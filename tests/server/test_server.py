@@ -116,9 +116,13 @@ def test_completions_with_echo_and_token_endpoints(client, server):
                                   logprobs=1)
     assert r.choices[0].text.startswith("The quick brown")
     assert len(r.choices[0].logprobs.tokens) == r.usage.completion_tokens
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="The quick brown", max_tokens=5, temperature=0, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0,
+                                            stream=True, logprobs=1, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert "The quick brown" + streamed == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens and not chunks[-1].choices
+    streamed_lp = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed_lp == r.choices[0].logprobs.tokens
     assert [m.id for m in client.models.list().data] == ["tiny"]
     req = urllib.request.Request(server + "/v1/token/encode", data=json.dumps({"text": "hello"}).encode(),
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
@@ -304,3 +308,21 @@ def test_admin_load_and_unload_only_from_the_model_directory(tmp_path, tiny_chat
         r = http.post("/v1/chat/completions", json={"model": "tiny-a", "messages": MSG}, headers=user)
         assert r.status_code == 400
         assert "trellm_model_loaded 0" in http.get("/metrics").text
+
+
+def test_the_load_generator_runs_against_a_server(tiny_chat_model, tmp_path):
+    """benchmarks/bench_server.py starts `trellm serve`, drives it at two concurrency levels and reports
+    TTFT, inter-token latency and throughput with no errors (a CPU smoke run of the GPU benchmark)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "benchmarks")]))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_server.py"), "--serve",
+                           str(tiny_chat_model), "--concurrency", "1,3", "--requests", "2", "--prompt-tokens", "8",
+                           "--max-tokens", "5", "--serve-args", "--device cpu", "--json-out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["concurrency"] for r in rows] == [1, 3] and [r["requests"] for r in rows] == [2, 6]
+    for r in rows:
+        assert r["errors"] == 0 and r["output_tok_s"] > 0 and 0 < r["ttft_ms_p50"] <= r["ttft_ms_p90"]
+        assert 0 < r["itl_ms_p50"] <= r["itl_ms_p90"]

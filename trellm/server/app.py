@@ -286,7 +286,9 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ApiError(400, "streaming takes one prompt", param="prompt")
             jobs = _jobs(state, req, prompts[0], req.max_tokens, top if req.logprobs is not None else 0, None)
             streams = state.engine.submit_many(jobs)
-            return EventSourceResponse(_completion_events(state, streams, rid, created, prompts[0], req.echo), ping=15)
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return EventSourceResponse(_completion_events(state, jobs, streams, rid, created, prompts[0], req.echo,
+                                                          usage, req.logprobs is not None), ping=15)
         choices, all_outs, total_prompt = [], [], 0
         for p in prompts:
             jobs = _jobs(state, req, p, req.max_tokens, top if req.logprobs is not None else 0, None)
@@ -542,17 +544,30 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
     yield "[DONE]"
 
 
-async def _completion_events(state: ServerState, streams: list, rid: str, created: int, prompt: list[int],
-                             echo: bool) -> AsyncIterator[str]:
-    def chunk(i: int, text: str, reason: str | None) -> str:
-        return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": state.name,
-                           "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]},
-                          ensure_ascii=False)
+async def _completion_events(state: ServerState, jobs: list[Job], streams: list, rid: str, created: int,
+                             prompt: list[int], echo: bool, include_usage: bool, logprobs: bool) -> AsyncIterator[str]:
+    def chunk(i: int, text: str, reason: str | None, lp: dict | None = None) -> str:
+        body = {"id": rid, "object": "text_completion", "created": created, "model": state.name,
+                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}]}
+        if include_usage:
+            body["usage"] = None
+        return json.dumps(body, ensure_ascii=False)
 
     if echo:
         for i in range(len(streams)):
             yield chunk(i, state.llm.tokenizer.decode(prompt), None)
+    done, cached = 0, 0
     async for i, r in _merged(streams):
-        if r.text or r.finished:
-            yield chunk(i, r.text, r.finish_reason if r.finished else None)
+        toks = _answer_tokens(r, jobs[i])
+        done += len(toks)
+        state.tokens["completion"] += len(toks)
+        cached = max(cached, r.cached_tokens or 0)
+        lp = _completion_logprobs(state, toks, r.logprobs[: len(toks)]) if logprobs and toks else None
+        if r.text or r.finished or lp:
+            yield chunk(i, r.text, r.finish_reason if r.finished else None, lp)
+    if include_usage:
+        yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": state.name,
+                          "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": done,
+                                                   "total_tokens": len(prompt) + done,
+                                                   "prompt_tokens_details": {"cached_tokens": cached}}})
     yield "[DONE]"
