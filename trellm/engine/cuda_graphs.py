@@ -30,6 +30,7 @@ class _Captured:
     packed: torch.Tensor  # int64 [B * 4 + B * width] on the device: the graph's only input
     staging: torch.Tensor  # the same, pinned on the host
     logits: torch.Tensor  # float32 [B, vocab]: the graph's output
+    copied: torch.cuda.Event  # the last copy out of `staging` is done (it may be refilled)
 
 
 class DecodeGraphs:
@@ -60,8 +61,10 @@ class DecodeGraphs:
         pad = b - n
         host = [*tokens, *[0] * pad, *positions, *[0] * pad, *slots, *[scratch * ps] * pad,
                 *positions, *[0] * pad, *table, *[scratch] * (pad * w)]
+        cap.copied.synchronize()  # normally long done: each step's sampling already waited for the GPU
         cap.staging.copy_(torch.tensor(host, dtype=torch.int64))
         cap.packed.copy_(cap.staging, non_blocking=True)
+        cap.copied.record()
         cap.graph.replay()
         return cap.logits[:n]
 
@@ -92,5 +95,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._forward(packed, b)
-        cap = self._graphs[b] = _Captured(graph, packed, staging, logits)
+        done = torch.cuda.Event()
+        done.record()
+        cap = self._graphs[b] = _Captured(graph, packed, staging, logits, done)
         return cap

@@ -318,6 +318,9 @@ class Generator:
             run.held[-1] = (last, piece + run.detok.flush(), last_lp)
         text = "".join(piece for _, piece, _ in run.held)
         hit = min((i for i in (text.find(b) for b in job.banned_strings) if i >= 0), default=-1)
+        stop_at = min((i for i in (text.find(s) for s in job.stop_strings) if i >= 0), default=-1)
+        if 0 <= stop_at <= hit:
+            hit = -1  # the text ends before the banned string
         release, reason, cut = len(run.held), None, len(text)
         if hit >= 0:
             k, start = 0, 0  # the held token whose text contains the banned string's first character
@@ -342,7 +345,6 @@ class Generator:
                 return None
             release, reason, cut = k, "length", start  # out of tokens: end before the banned string
         else:
-            stop_at = min((i for i in (text.find(s) for s in job.stop_strings) if i >= 0), default=-1)
             if stop_at >= 0:
                 reason, cut = "stop", stop_at
             elif stopped or at_limit:

@@ -102,7 +102,7 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
     def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2 = x.reshape(-1, x.shape[-2], d)
-        if x2.data_ptr() != x.data_ptr() or x2.stride(1) != d or x2.stride(2) != 1 or not _is_view(x2, x):
+        if x2.data_ptr() != x.data_ptr() or x2.stride(1) != d or x2.stride(2) != 1:  # reshape copied: no view
             x = x.contiguous()
             x2 = x.view(-1, x.shape[-2], d)
         return x, x2
@@ -115,11 +115,6 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                                  HALF_PAD=triton.next_power_of_2(rd // 2),
                                  BLOCK_H=min(16, triton.next_power_of_2(max(hq, hk))))
     return q, k
-
-
-def _is_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a (from reshape) shares b's storage rather than being a copy."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 @triton.jit
