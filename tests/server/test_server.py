@@ -276,6 +276,40 @@ def test_tool_calls_are_found_in_tagged_and_json_answers():
         assert parse_calls(text, specs) == (text, [])
 
 
+def test_streamed_answers_with_tools_hold_back_only_what_may_be_a_call():
+    """Text streams at once; from a <tool_call> tag on (even one split across pieces), or an answer that
+    opens with '{', is held until the end and comes back as calls (or as content if it was none)."""
+    import random
+
+    from trellm.server.tools import CallStream
+
+    specs = [t["function"] for t in TOOLS]
+    rng = random.Random(0)
+
+    def run(answer: str) -> tuple[list[str], str, list]:
+        stream, sent, i = CallStream(specs), [], 0
+        while i < len(answer):
+            j = i + rng.randrange(1, 5)
+            sent.append(stream.feed(answer[i:j]))
+            i = j
+        rest, calls = stream.finish()
+        return sent, rest, calls
+
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    for _ in range(20):
+        sent, rest, calls = run("Let me check the weather. " + call)
+        assert "".join(sent) == "Let me check the weather. " and rest == "" and len(calls) == 1
+        assert "<" not in "".join(sent)  # no piece of the tag ever went out
+        sent, rest, calls = run('  {"name": "noop", "arguments": {}}')
+        assert "".join(sent) == "" and rest == "" and calls[0]["function"]["name"] == "noop"
+        sent, rest, calls = run("a <tool is not a tag, and {braces} mid-answer are text")
+        assert "".join(sent) + rest == "a <tool is not a tag, and {braces} mid-answer are text" and calls == []
+        sent, rest, calls = run("<tool_call>not json</tool_call>")  # not a call after all: content
+        assert "".join(sent) + rest == "<tool_call>not json</tool_call>" and calls == []
+    sent, _, _ = run("Plain words stream as they come, piece by piece.")
+    assert sum(1 for s in sent if s) >= len(sent) // 2  # most pieces went out at once
+
+
 def test_admin_load_and_unload_only_from_the_model_directory(tmp_path, tiny_chat_model):
     import shutil
 

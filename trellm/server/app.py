@@ -503,8 +503,8 @@ async def _merged(streams: list[AsyncIterator[JobResult]]) -> AsyncIterator[tupl
 async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: str, created: int,
                        prompt_tokens: int, include_usage: bool, logprobs: bool,
                        tool_specs: list[dict]) -> AsyncIterator[str]:
-    """With tools in play an answer's text is held until it ends, then sent as content or as
-    tool_calls deltas (a call can only be recognised whole)."""
+    """With tools in play, text that may be a call is held (tools.CallStream) until the answer ends,
+    then sent as tool_calls deltas or as content; the rest streams as usual."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.name,
                 "choices": choices}
@@ -515,7 +515,8 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
     for i in range(len(jobs)):
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    counts, cached, held = [0] * len(jobs), 0, [""] * len(jobs)
+    counts, cached = [0] * len(jobs), 0
+    calls = [tools.CallStream(tool_specs) for _ in jobs]
     async for i, r in _merged(streams):
         toks = _answer_tokens(r, jobs[i])
         counts[i] += len(toks)
@@ -524,16 +525,19 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
         lp = {"content": _chat_logprobs(state, toks, r.logprobs[: len(toks)])} if logprobs else None
         text, reason = r.text, r.finish_reason if r.finished else None
         if tool_specs:
-            held[i] += text
-            if not r.finished:
-                continue
-            content, calls = tools.parse_calls(held[i], tool_specs)
-            if calls:
-                deltas = [{"index": k, **call} for k, call in enumerate(calls)]
-                yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
-                text, reason = content or "", "tool_calls"
-            else:
-                text = held[i]
+            text = calls[i].feed(text)
+            if r.finished:
+                rest, found = calls[i].finish()
+                if found:
+                    if text:
+                        yield chunk([{"index": i, "delta": {"content": text}, "logprobs": None,
+                                      "finish_reason": None}])
+                    deltas = [{"index": k, **call} for k, call in enumerate(found)]
+                    yield chunk([{"index": i, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                  "finish_reason": None}])
+                    text, reason = rest, "tool_calls"
+                else:
+                    text += rest
         if text or r.finished or lp:
             yield chunk([{"index": i, "delta": {"content": text} if text else {}, "logprobs": lp,
                           "finish_reason": reason}])

@@ -6,6 +6,9 @@ Models write calls in one of two common shapes, both recognised:
   (several tags = parallel calls; text outside the tags is the message content);
 - the whole answer one JSON object (or a list of them) with "name" and "arguments" (or
   "parameters", as Llama 3.1 writes).
+When streaming, `CallStream` lets ordinary text out as it comes and holds back only what may be
+a call: everything from a `<tool_call>` tag on, an answer that opens with `{` or `[`, and a tail
+that may be the start of a tag.
 tool_choice "required" or a named function constrains the output (llguidance) to a JSON call
 of one of the allowed functions with arguments matching its parameter schema.
 """
@@ -18,6 +21,7 @@ import uuid
 from typing import Any
 
 from trellm.engine.constraints import Constraint
+from trellm.engine.generator import held_back
 
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
@@ -92,3 +96,35 @@ def parse_calls(text: str, specs: list[dict]) -> tuple[str | None, list[dict]]:
     if objs and all(calls):
         return None, calls
     return text, []
+
+
+TAG = "<tool_call>"
+
+
+class CallStream:
+    """One streamed answer of a request with tools: which text may go out now, and at the end the
+    calls and the content not sent yet."""
+
+    def __init__(self, specs: list[dict]):
+        self.specs, self.text, self.sent = specs, "", 0
+
+    def feed(self, piece: str) -> str:
+        """Add the answer's next text; returns the part that is surely content (maybe empty)."""
+        self.text += piece
+        start = self.text.lstrip()
+        if not start or start[0] in "{[":  # blank so far, or a JSON call may be coming: hold it all
+            return ""
+        tag = self.text.find(TAG, self.sent)  # nothing from the first tag on goes out
+        limit = tag if tag >= 0 else len(self.text) - held_back(self.text, [TAG])
+        out = self.text[self.sent : limit] if limit > self.sent else ""
+        self.sent = max(self.sent, limit)
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """At the end of the answer: (content not sent yet, tool calls)."""
+        content, calls = parse_calls(self.text, self.specs)
+        if not calls:
+            return self.text[self.sent :], []
+        if self.sent == 0:
+            return content or "", calls
+        return _TAGGED.sub("", self.text[self.sent :]).strip(), calls  # the text before the first tag went out
