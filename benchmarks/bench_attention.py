@@ -55,6 +55,8 @@ def paged_setup(batch: int, ctx: int, q_len: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json-out")
+    ap.add_argument("--prefill-tiles", default="",
+                    help="also time prefill with these tiles, e.g. 64x64x4,128x64x8,128x32x4 (query rows x keys x warps)")
     args = ap.parse_args()
     params = AttentionParams(scale=D**-0.5, window=None, softcap=None)
     bw = copy_bandwidth()
@@ -84,6 +86,12 @@ def main() -> None:
         flops = 4 * t * t / 2 * H * D
         rows.append({"kind": "prefill", "batch": 1, "ctx": t, "us": round(us, 1),
                      "TFLOP_s": round(flops / us / 1e6, 1), "sdpa_us": round(sdpa, 1)})
+        for spec in filter(None, args.prefill_tiles.split(",")):
+            tile = tuple(int(v) for v in spec.split("x"))
+            us = graph_time(lambda: paged_attention(q, kc, vc, table, starts, offsets, params, max_q_len=t,
+                                                    tile=tile), reps=20)
+            rows.append({"kind": f"prefill {spec}", "batch": 1, "ctx": t, "us": round(us, 1),
+                         "TFLOP_s": round(flops / us / 1e6, 1), "sdpa_us": round(sdpa, 1)})
     print(f"card: {torch.cuda.get_device_name()}  copy bandwidth {bw:.0f} GB/s")
     print(f"{'kind':>8} {'B':>3} {'ctx':>5} {'µs':>8} {'GB/s|TF/s':>10} {'of bw':>6} {'sdpa µs':>8}")
     for r in rows:

@@ -164,9 +164,11 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     q_start: torch.Tensor, q_offsets: torch.Tensor, params: AttentionParams, *, max_q_len: int,
-                    splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+                    splits: int = 1, out: torch.Tensor | None = None, tile: tuple[int, int, int] | None = None
+                    ) -> torch.Tensor:
     """The Triton kernel behind paged_attention_ref (same arguments; see the module docstring).
-    max_q_len (host int) bounds the query rows of any sequence; splits > 1 splits each key range.
+    max_q_len (host int) bounds the query rows of any sequence; splits > 1 splits each key range;
+    tile = (query rows, keys, warps) per program overrides the default (benchmarks sweep it).
     No host sync: usable inside a CUDA graph."""
     T, H, D = q.shape
     _, page, hkv, dk = k_cache.shape
@@ -179,8 +181,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     G_PAD = triton.next_power_of_2(G)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     rows = 16 if max_q_len == 1 else (64 if BLOCK_D <= 128 else 32)
-    BLOCK_T = max(1, rows // G_PAD)
     BLOCK_N = 64 if BLOCK_D <= 128 else 32
+    warps = None
+    if tile is not None:
+        rows, BLOCK_N, warps = tile
+    BLOCK_T = max(1, rows // G_PAD)
     if page % BLOCK_N:
         BLOCK_N = math.gcd(page, BLOCK_N)
     if out is None:
@@ -198,7 +203,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         T, H, params.scale, params.softcap or 1.0, window or 0,
         G=G, G_PAD=G_PAD, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, D=D, BLOCK_D=BLOCK_D, PAGE=page, SPLITS=splits,
         HAS_WINDOW=window is not None, HAS_SOFTCAP=params.softcap is not None, IEEE=q.dtype == torch.float32,
-        num_warps=4 if BLOCK_T * G_PAD <= 64 else 8,
+        num_warps=warps or (4 if BLOCK_T * G_PAD <= 64 else 8),
     )
     if splits > 1:
         _combine_kernel[(T, H)](part, stats, out, T, H, out.stride(0), out.stride(1), SPLITS=splits,
