@@ -147,7 +147,9 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
                    completions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Steps 1–2: bias, bans and penalties. logits [B, V] -> float32 [B, V]. contexts: each row's
     prompt + completion so far (repetition penalty); completions: the completion so far."""
-    logits = logits.float().clone()
+    logits = logits.float()
+    if any(p.logit_bias or p.banned_tokens or p.dry_multiplier > 0 for p in params):
+        logits = logits.clone()  # edited in place below; the caller's logits stay as they were (logprobs)
     b, vocab = logits.shape
     rows, cols, vals, bans = [], [], [], []
     for i, p in enumerate(params):
