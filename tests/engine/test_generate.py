@@ -51,3 +51,33 @@ def test_generation_stops_at_the_context_length(model):
 def test_bad_requests(model, req, words):
     with pytest.raises(GenerationError, match=words):
         list(generate_tokens(model, req))
+
+
+def test_llm_stream_through_the_generator_equals_the_simple_loop(tiny_chat_model):
+    """LLM(engine="generator") (the default on CUDA) streams the same text and stats as the simple loop,
+    reuses a chat's earlier turns from its prefix cache, and a consumer that stops early frees the pages."""
+    from trellm.engine.llm import LLM
+
+    simple = LLM(tiny_chat_model, device="cpu", engine="simple")
+    fast = LLM(tiny_chat_model, device="cpu", engine="generator")
+    chat = [{"role": "user", "content": "The quick brown fox"}]
+    for prompt in ("The quick brown fox", chat):
+        a, b = GenerationStats(), GenerationStats()
+        want = "".join(simple.stream(prompt, max_new_tokens=12, stats=a))
+        assert "".join(fast.stream(prompt, max_new_tokens=12, stats=b)) == want
+        assert (b.prompt_tokens, b.completion_tokens, b.finish_reason) == (a.prompt_tokens, a.completion_tokens,
+                                                                          a.finish_reason)
+        assert b.prefill_seconds > 0 and b.decode_seconds > 0
+    gen = fast._generator
+    reused = gen.pool.reused_tokens
+    long_chat = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 12}]  # > 1 page
+    answer = fast.generate(long_chat, max_new_tokens=12)
+    turn2 = long_chat + [{"role": "assistant", "content": answer}, {"role": "user", "content": "and then?"}]
+    assert fast.generate(turn2, max_new_tokens=6) == simple.generate(turn2, max_new_tokens=6)
+    assert gen.pool.reused_tokens > reused  # the first turn's pages were not recomputed
+    pieces = fast.stream("The quick brown fox", max_new_tokens=12)
+    next(pieces)
+    pieces.close()  # e.g. Ctrl-C in the chat
+    assert not gen.busy and gen.pool.available == gen.pool.num_pages
+    with pytest.raises(ValueError, match="engine"):
+        LLM(tiny_chat_model, device="cpu", engine="fast")

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
 from trellm.cache.pages import PAGE_SIZE
+from trellm.engine.generate import GenerationRequest, GenerationStats, generate_tokens
 from trellm.engine.generator import Generator, Job
 from trellm.engine.sampling import SamplingParams
 from trellm.io.hf_folder import read_generation_config
@@ -28,6 +28,7 @@ from trellm.io.tokenizer import IncrementalDetokenizer, Tokenizer
 from trellm.models.loader import load_model
 
 Prompt = str | list[dict[str, Any]]  # plain text, or chat messages
+STREAM_CACHE_TOKENS = 8192  # KV cache of `stream`'s generator (longer requests take the simple loop)
 
 
 @dataclass(slots=True)
@@ -45,9 +46,16 @@ class Completion:
 
 class LLM:
     def __init__(self, path: str | Path, *, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, engine: str | None = None):
+        """engine: "generator" runs `stream` through the batched generator (paged KV, CUDA-graph decode,
+        prefix reuse across calls — a chat's earlier turns are not recomputed), "simple" through the
+        one-sequence reference loop; default: the generator on CUDA, the simple loop on CPU."""
         self.path = Path(path)
         self.model = load_model(self.path, device=device, dtype=dtype)
+        if engine not in (None, "generator", "simple"):
+            raise ValueError(f"engine must be 'generator' or 'simple', got {engine!r}")
+        self.engine = engine or ("generator" if self.model.device.type == "cuda" else "simple")
+        self._generator: Generator | None = None  # made on first use, kept for its KV cache and graphs
         self.tokenizer = Tokenizer.from_folder(self.path)
         self.config = self.model.config
         self.generation_config = read_generation_config(self.path)
@@ -80,6 +88,13 @@ class LLM:
             sampling=sampling if sampling is not None else self.default_sampling(),
             stop_token_ids=self.stop_token_ids,
         )
+        if self.engine == "generator":
+            gen = self._get_generator()
+            if len(request.prompt_ids) + max_new_tokens <= gen.pool.num_pages * gen.pool.page_size \
+                    and len(request.prompt_ids) < gen.max_seq_len:
+                yield from self._stream_generator(gen, request, stats if stats is not None else GenerationStats())
+                return
+            # longer than the kept cache (or than longrope's switch length): the simple loop
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
         stop = set(self.stop_token_ids)
         for tok in generate_tokens(self.model, request, stats):
@@ -91,6 +106,39 @@ class LLM:
         tail = detok.flush()
         if tail:
             yield tail
+
+    def _get_generator(self) -> Generator:
+        if self._generator is None:
+            # One sequence at a time, a cache for a long conversation (capped: 128k-token models would
+            # otherwise reserve tens of GB); longer requests take the simple loop.
+            tokens = min(self.config.max_position_embeddings, STREAM_CACHE_TOKENS) + PAGE_SIZE
+            self._generator = Generator(self.model, tokenizer=self.tokenizer, cache_tokens=tokens, max_seqs=1)
+        return self._generator
+
+    def _stream_generator(self, gen: Generator, request: GenerationRequest, stats: GenerationStats) -> Iterator[str]:
+        job_id = gen.enqueue(Job(request.prompt_ids, max_new_tokens=request.max_new_tokens, sampling=request.sampling,
+                                 stop_token_ids=request.stop_token_ids))
+        stats.prompt_tokens, stats.completion_tokens = len(request.prompt_ids), 0
+        t0, first, finished = time.perf_counter(), None, False
+        try:
+            while not finished:
+                for r in gen.iterate():
+                    if r.job_id != job_id:
+                        continue
+                    now = time.perf_counter()
+                    if first is None:
+                        first, stats.prefill_seconds = now, now - t0
+                    else:
+                        stats.decode_seconds = now - first
+                    stats.completion_tokens += len(r.new_token_ids)
+                    finished = r.finished
+                    if finished:
+                        stats.finish_reason = r.finish_reason
+                    if r.text:
+                        yield r.text
+        finally:
+            if not finished:  # the caller stopped early (Ctrl-C in a chat): free the job's pages
+                gen.cancel(job_id)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> str:
         return "".join(self.stream(prompt, **kwargs))
