@@ -81,3 +81,21 @@ def test_llm_stream_through_the_generator_equals_the_simple_loop(tiny_chat_model
     assert not gen.busy and gen.pool.available == gen.pool.num_pages
     with pytest.raises(ValueError, match="engine"):
         LLM(tiny_chat_model, device="cpu", engine="fast")
+
+
+def test_llm_stream_takes_the_simple_loop_beyond_the_generators_cache(tiny_chat_model, monkeypatch):
+    import trellm.engine.llm as llm_mod
+
+    monkeypatch.setattr(llm_mod, "STREAM_CACHE_TOKENS", 40)
+    fast = llm_mod.LLM(tiny_chat_model, device="cpu", engine="generator")
+    simple = llm_mod.LLM(tiny_chat_model, device="cpu", engine="simple")
+    used = []
+    real = fast._stream_generator
+    monkeypatch.setattr(fast, "_stream_generator", lambda *a: used.append(1) or real(*a))
+    assert fast._get_generator().max_seq_len == 40
+    assert fast.generate("The quick brown fox", max_new_tokens=8) == simple.generate("The quick brown fox",
+                                                                                    max_new_tokens=8)
+    assert used == [1]
+    long = "The quick brown fox jumps over the lazy dog. " * 3  # past 40 tokens with the answer
+    assert fast.generate(long, max_new_tokens=8) == simple.generate(long, max_new_tokens=8)
+    assert used == [1]  # the simple loop took it

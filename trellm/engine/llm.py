@@ -90,11 +90,13 @@ class LLM:
         )
         if self.engine == "generator":
             gen = self._get_generator()
-            if len(request.prompt_ids) + max_new_tokens <= gen.pool.num_pages * gen.pool.page_size \
-                    and len(request.prompt_ids) < gen.max_seq_len:
+            n = len(request.prompt_ids)
+            # Both paths stop at the model's context; beyond the generator's shorter limit (its cache, or
+            # longrope's switch length) the simple loop takes the request.
+            if n < gen.max_seq_len and (n + max_new_tokens <= gen.max_seq_len
+                                        or gen.max_seq_len == self.config.max_position_embeddings):
                 yield from self._stream_generator(gen, request, stats if stats is not None else GenerationStats())
                 return
-            # longer than the kept cache (or than longrope's switch length): the simple loop
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
         stop = set(self.stop_token_ids)
         for tok in generate_tokens(self.model, request, stats):
@@ -111,8 +113,9 @@ class LLM:
         if self._generator is None:
             # One sequence at a time, a cache for a long conversation (capped: 128k-token models would
             # otherwise reserve tens of GB); longer requests take the simple loop.
-            tokens = min(self.config.max_position_embeddings, STREAM_CACHE_TOKENS) + PAGE_SIZE
-            self._generator = Generator(self.model, tokenizer=self.tokenizer, cache_tokens=tokens, max_seqs=1)
+            tokens = min(self.config.max_position_embeddings, STREAM_CACHE_TOKENS)
+            self._generator = Generator(self.model, tokenizer=self.tokenizer, max_seq_len=tokens,
+                                        cache_tokens=tokens + PAGE_SIZE, max_seqs=1)
         return self._generator
 
     def _stream_generator(self, gen: Generator, request: GenerationRequest, stats: GenerationStats) -> Iterator[str]:
