@@ -81,6 +81,11 @@ def load_model(
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was requested but torch sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {dev} was requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        # Triton kernels launch on the current device and CUDA graphs capture on it: make it the model's.
+        torch.cuda.set_device(dev)
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(cfg, dev)
     source = WeightSource(CheckpointReader(path), fused_parts(cfg, spec))
     model = DecoderModel(cfg, spec, method_chooser(cfg, source))
