@@ -76,7 +76,7 @@ async def stream_completion(host: str, port: int, headers: dict, body: dict) -> 
     """One streamed completion over a fresh connection: status, time to first token, token arrival times."""
     payload = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection(host, port)
-    head = [f"POST /v1/completions HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+    head = ["POST /v1/completions HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
             f"Content-Length: {len(payload)}", "Connection: close", *[f"{k}: {v}" for k, v in headers.items()]]
     t0 = time.perf_counter()
     writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + payload)

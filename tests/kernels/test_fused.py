@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 def check_all(device: str, dtypes) -> list:
     """Every fused op against its reference on odd sizes; returns the failures."""
-    from trellm.kernels.fused import ACT_CODES, act_mul, apply_rope_qk, rms_norm
+    from trellm.kernels.fused import ACT_CODES, act_mul, add_rms_norm, apply_rope_qk, rms_norm
     from trellm.layers.mlp import activation
     from trellm.layers.norms import RMSNorm
     from trellm.layers.rope import apply_rope
@@ -39,7 +39,7 @@ def check_all(device: str, dtypes) -> list:
             x = torch.randn(3, 5, n, generator=g).to(dt).to(device)
             h = torch.randn(3, 5, n, generator=g).to(dt).to(device)
             close(rms_norm(x, norm.weight, 1e-6, offset, w32), norm._forward_ref(x), ("norm", n), 2)
-            s, y = rms_norm(x, norm.weight, 1e-6, offset, w32, residual=h)
+            s, y = add_rms_norm(h, x, norm.weight, 1e-6, offset, w32)
             close(s, h + x, ("add", n), 0)
             close(y, norm._forward_ref(h + x), ("add_norm", n), 2)
         for d, rd, hq, hk in [(16, 16, 6, 2), (24, 12, 4, 1), (128, 128, 32, 8), (80, 80, 5, 5)]:

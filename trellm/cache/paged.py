@@ -89,8 +89,8 @@ class PagedStep:
     """Where one flat batch's tokens go and what each attends to, as device tensors:
     slots [T] (page · page_size + offset of each token), block_table [N, W] int32 (each sequence's
     pages, padded with the scratch page), q_start [N] int32 (first position), q_offsets [N+1] int32
-    (query rows). max_q_len and splits are launch constants. `segments` (host lists, when known)
-    let the CPU reference build its masks without reading the tensors back."""
+    (query rows). max_q_len and splits are launch constants. `segments` (the same as host lists) are
+    what the torch reference runs on: required off the GPU (the CUDA graphs' steps have none)."""
 
     def __init__(self, cache: PagedKVCache, *, slots: torch.Tensor, block_table: torch.Tensor, q_start: torch.Tensor,
                  q_offsets: torch.Tensor, max_q_len: int, splits: int | None = None,
@@ -106,8 +106,10 @@ class PagedStep:
 
                 splits = decode_splits(q_start.shape[0], cache.k[0].shape[2], cache.device)
         self.splits = splits
-        self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}  # (segment, window), shared by layers
-        self._read: list[torch.Tensor] | None = None  # per segment: the slots of its keys (reference path)
+        # Off the GPU (torch reference, needs `segments`): masks per (segment, window) and each segment's
+        # key slots, made by the first layer and reused by the others.
+        self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        self._reads: list[torch.Tensor] = []
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                params: AttentionParams) -> torch.Tensor:
@@ -120,28 +122,30 @@ class PagedStep:
 
             return paged_attention(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params,
                                    max_q_len=self.max_q_len, splits=self.splits)[None]
-        if self.segments is None:
-            from trellm.kernels.paged_attention import paged_attention_ref
+        return segment_attention(q, kc, vc, self.segments, params, self._reads, self._masks)
 
-            return paged_attention_ref(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params)[None]
-        return self._attend_ref(kc, vc, q, params)
 
-    def _attend_ref(self, kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, params: AttentionParams) -> torch.Tensor:
-        """The reference per segment with host-side indices and masks (shared by all layers of the step)."""
-        ps = self.cache.page_size
-        kf, vf = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
-        if self._read is None:
-            self._read = []
-            for s in self.segments:
-                pos = torch.arange(s.start + s.length)
-                pages = torch.as_tensor(list(s.pages), dtype=torch.long)
-                self._read.append((pages[pos // ps] * ps + pos % ps).to(kc.device))
-        out = []
-        for i, s in enumerate(self.segments):
-            keys, values = kf[self._read[i]][None], vf[self._read[i]][None]  # [1, end, Hkv, D]
-            key = (i, params.window)
-            if key not in self._masks:
-                self._masks[key] = attention_mask(s.start, s.length, s.start + s.length, params.window, q.device)
-            out.append(attention_ref(q[:, s.offset : s.offset + s.length], keys, values, s.start, params,
-                                     self._masks[key]))
-        return torch.cat(out, dim=1)
+def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Segment],
+                      params: AttentionParams, reads: list[torch.Tensor] | None = None,
+                      masks: dict[tuple[int, int | None], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The torch reference of paged attention: q [1, T, H, D] of a flat batch, caches [pages, page_size,
+    Hkv, D] already holding this pass's keys and values -> [1, T, H, D]; each segment attends over its
+    prefix read back from its pages. `reads` (key slots per segment) and `masks` are filled on first use
+    and may be passed again for the next layer of the same pass."""
+    ps = k_cache.shape[1]
+    kf, vf = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    reads = reads if reads is not None else []
+    masks = masks if masks is not None else {}
+    if not reads:
+        for s in segments:
+            pos = torch.arange(s.start + s.length)
+            pages = torch.as_tensor(list(s.pages), dtype=torch.long)
+            reads.append((pages[pos // ps] * ps + pos % ps).to(k_cache.device))
+    out = []
+    for i, s in enumerate(segments):
+        keys, values = kf[reads[i]][None], vf[reads[i]][None]  # [1, end, Hkv, D]
+        key = (i, params.window)
+        if key not in masks:
+            masks[key] = attention_mask(s.start, s.length, s.start + s.length, params.window, q.device)
+        out.append(attention_ref(q[:, s.offset : s.offset + s.length], keys, values, s.start, params, masks[key]))
+    return torch.cat(out, dim=1)

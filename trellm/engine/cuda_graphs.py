@@ -52,21 +52,26 @@ class DecodeGraphs:
         b = self.bucket(n)
         assert b is not None, "batch larger than the largest bucket"
         cap = self._graphs.get(b) or self._capture(b)
+        cap.copied.synchronize()  # normally long done: each step's sampling already waited for the GPU
+        cap.staging.copy_(torch.tensor(self._pack(tokens, positions, pages, b), dtype=torch.int64))
+        cap.packed.copy_(cap.staging, non_blocking=True)
+        cap.copied.record()
+        cap.graph.replay()
+        return cap.logits[:n]
+
+    def _pack(self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
+              b: int) -> list[int]:
+        """The packed input of bucket b: ids, positions, slots, first positions [b] each, then the page
+        table [b, width]; rows past the live ones are padding in the scratch page."""
         ps, scratch, w = self.cache.page_size, self.cache.scratch, self.width
         slots = [p[pos // ps] * ps + pos % ps for p, pos in zip(pages, positions)]
         table: list[int] = []
         for p in pages:
             table += p
             table += [scratch] * (w - len(p))
-        pad = b - n
-        host = [*tokens, *[0] * pad, *positions, *[0] * pad, *slots, *[scratch * ps] * pad,
+        pad = b - len(tokens)
+        return [*tokens, *[0] * pad, *positions, *[0] * pad, *slots, *[scratch * ps] * pad,
                 *positions, *[0] * pad, *table, *[scratch] * (pad * w)]
-        cap.copied.synchronize()  # normally long done: each step's sampling already waited for the GPU
-        cap.staging.copy_(torch.tensor(host, dtype=torch.int64))
-        cap.packed.copy_(cap.staging, non_blocking=True)
-        cap.copied.record()
-        cap.graph.replay()
-        return cap.logits[:n]
 
     def _forward(self, packed: torch.Tensor, b: int) -> torch.Tensor:
         """The captured work: unpack the inputs, run the model (flat batch of b decode tokens)."""
@@ -79,10 +84,8 @@ class DecodeGraphs:
 
     def _capture(self, b: int) -> _Captured:
         dev = self.cache.device
-        ps, scratch = self.cache.page_size, self.cache.scratch
         # Until the first real step fills it, the buffer describes b padding rows (scratch page only).
-        init = [0] * (2 * b) + [scratch * ps] * b + [0] * b + [scratch] * (b * self.width)
-        packed = torch.tensor(init, dtype=torch.int64, device=dev)
+        packed = torch.tensor(self._pack([], [], [], b), dtype=torch.int64, device=dev)
         staging = torch.empty(packed.shape, dtype=torch.int64, pin_memory=True)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))

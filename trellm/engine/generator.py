@@ -10,8 +10,9 @@ Each `iterate()` asks the scheduler (engine/scheduler.py) for the next batch (de
 of running jobs + prompt chunks, within the token budget), runs it as one flat forward pass
 through the paged KV cache (cache/paged.py), samples a token for every job whose chunk
 reached its end, and reports it. Jobs join and leave between passes; shared prompt prefixes
-are computed once (cache/pages.py). This is the engine's reference path — correct on any
-device; the CUDA-graph decode step and the Triton paged-attention kernels come on top of it.
+are computed once (cache/pages.py). On a GPU decode-only passes replay CUDA graphs
+(engine/cuda_graphs.py) and attention runs through the Triton paged kernel; elsewhere the same
+passes run the torch references.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ class _Running:
     banned_at: dict[int, set[int]] = field(default_factory=dict)
     cached: int | None = None  # prompt tokens from the prefix cache, for the first returned result
     returned: int = 0  # tokens returned so far
+
+
+def first_match(text: str, strings: Sequence[str]) -> int:
+    """Where the earliest of `strings` begins in text, or -1."""
+    return min((i for i in (text.find(s) for s in strings) if i >= 0), default=-1)
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -275,10 +281,8 @@ class Generator:
             result = JobResult(job_id, run.job.identifier, [tok], cached_tokens=first.get(job_id))
             if lp is not None:
                 result.logprobs.append(lp)
-            if run.matcher is not None and tok not in run.stop:
-                run.matcher.consume(tok)
-            if tok in run.stop or (run.matcher is not None and run.matcher.done):
-                result.finished, result.finish_reason = True, "stop"  # a complete grammar allows nothing more
+            if self._consume(run, tok):
+                result.finished, result.finish_reason = True, "stop"
             elif job_id in at_limit:
                 result.finished, result.finish_reason = True, "length"
             if run.detok is not None:
@@ -286,7 +290,7 @@ class Generator:
                     run.pending += run.detok.add(tok)
                 if result.finished:
                     run.pending += run.detok.flush()
-                cut = min((i for i in (run.pending.find(s) for s in run.job.stop_strings) if i >= 0), default=-1)
+                cut = first_match(run.pending, run.job.stop_strings)
                 if cut >= 0:  # a stop string: the text ends before it
                     result.text, run.pending = run.pending[:cut], ""
                     result.finished, result.finish_reason = True, "stop"
@@ -295,9 +299,7 @@ class Generator:
                     split = len(run.pending) - keep
                     result.text, run.pending = run.pending[:split], run.pending[split:]
             if result.finished:
-                if job_id not in at_limit:
-                    self.scheduler.finish(job_id)
-                del self._jobs[job_id]
+                self._retire(job_id, job_id in at_limit)
             results.append(result)
         return results
 
@@ -309,16 +311,13 @@ class Generator:
         job = run.job
         if cached is not None:
             run.cached = cached
-        if run.matcher is not None and tok not in run.stop:
-            run.matcher.consume(tok)
-        stopped = tok in run.stop or (run.matcher is not None and run.matcher.done)
+        stopped = self._consume(run, tok)
         run.held.append((tok, run.detok.add(tok) if tok not in run.stop else "", lp))
         if stopped or at_limit:
             last, piece, last_lp = run.held[-1]
             run.held[-1] = (last, piece + run.detok.flush(), last_lp)
         text = "".join(piece for _, piece, _ in run.held)
-        hit = min((i for i in (text.find(b) for b in job.banned_strings) if i >= 0), default=-1)
-        stop_at = min((i for i in (text.find(s) for s in job.stop_strings) if i >= 0), default=-1)
+        hit, stop_at = first_match(text, job.banned_strings), first_match(text, job.stop_strings)
         if 0 <= stop_at <= hit:
             hit = -1  # the text ends before the banned string
         release, reason, cut = len(run.held), None, len(text)
@@ -344,18 +343,17 @@ class Generator:
                         run.detok.add(t)
                 return None
             release, reason, cut = k, "length", start  # out of tokens: end before the banned string
-        else:
-            if stop_at >= 0:
-                reason, cut = "stop", stop_at
-            elif stopped or at_limit:
-                reason = "stop" if stopped else "length"
-            else:  # return whole tokens that end before anything that may start a banned or stop string
-                boundary = len(text) - held_back(text, [*job.banned_strings, *job.stop_strings])
-                release, end = 0, 0
-                while release < len(run.held) and end + len(run.held[release][1]) <= boundary:
-                    end += len(run.held[release][1])
-                    release += 1
-                cut = end
+        elif stop_at >= 0:
+            reason, cut = "stop", stop_at
+        elif stopped or at_limit:
+            reason = "stop" if stopped else "length"
+        else:  # return whole tokens that end before anything that may start a banned or stop string
+            boundary = len(text) - held_back(text, [*job.banned_strings, *job.stop_strings])
+            release, end = 0, 0
+            while release < len(run.held) and end + len(run.held[release][1]) <= boundary:
+                end += len(run.held[release][1])
+                release += 1
+            cut = end
         out, run.held = run.held[:release], run.held[release:]
         if not out and reason is None:
             return None
@@ -365,10 +363,22 @@ class Generator:
         run.returned += len(out)
         if reason is not None:
             result.finished, result.finish_reason = True, reason
-            if not at_limit:
-                self.scheduler.finish(job_id)
-            del self._jobs[job_id]
+            self._retire(job_id, at_limit)
         return result
+
+    @staticmethod
+    def _consume(run: _Running, tok: int) -> bool:
+        """Advance the job's grammar by its new token; whether the job stops here (a stop token, or a
+        complete grammar, which allows nothing more)."""
+        if run.matcher is not None and tok not in run.stop:
+            run.matcher.consume(tok)
+        return tok in run.stop or (run.matcher is not None and run.matcher.done)
+
+    def _retire(self, job_id: int, at_limit: bool) -> None:
+        """A job finished: release it (the scheduler already did when it hit max_new_tokens)."""
+        if not at_limit:
+            self.scheduler.finish(job_id)
+        del self._jobs[job_id]
 
     def stream(self) -> Iterator[JobResult]:
         """Results until every queued job has finished."""

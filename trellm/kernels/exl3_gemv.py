@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trellm.kernels import sm_count
 from trellm.kernels.exl3_decode import (
     CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block,
 )
@@ -254,11 +255,6 @@ def _workspace(device: torch.device, partial_floats: int, blocks: int) -> tuple[
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
-@functools.lru_cache(maxsize=None)
 def _max_segments(n_blocks: int, chunks: int, programs: int) -> int:
     """Most programs any column block is split over (the stream-K workspace slots per block)."""
     units = n_blocks * chunks
@@ -341,7 +337,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
                     compiled = _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), **consts)
                     _RESIDENT[ckey] = _resident_per_sm(compiled, num_warps)
                 per_sm = _RESIDENT[ckey]
-            programs = per_sm * _sm_count(x_h.device)
+            programs = per_sm * sm_count(x_h.device)
         programs = min(programs, n_blocks * chunks)
         plan = _PLANS[key] = (consts, programs, _max_segments(n_blocks, chunks, programs))
     consts, programs, maxseg = plan

@@ -36,29 +36,36 @@ def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, st
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, weight_in_fp32: bool,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dimension. With `residual` (x-shaped): returns (residual + x, its norm),
-    the add and the norm in one pass over the row."""
-    shape, n = x.shape, x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
-    res = summed = x2
-    if residual is not None:
-        assert residual.shape == shape, "the residual must have x's shape"
-        res = residual.reshape(-1, n)
-        if res.stride(-1) != 1:
-            res = res.contiguous()
-        summed = torch.empty_like(out)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [R, N] with a unit stride along N (a view where the layout allows)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _norm(x2: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float,
+          weight_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype)
+    summed = torch.empty_like(out) if res is not None else None
+    n = x2.shape[1]
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, n, eps, float(offset), x2.stride(0), res.stride(0),
-                                     out.stride(0), HAS_RES=residual is not None, W_FP32=weight_in_fp32, BLOCK=block,
-                                     num_warps=min(16, max(1, block // 256)))
-    if residual is None:
-        return out.view(shape)
-    return summed.view(shape), out.view(shape)
+    _rms_norm_kernel[(x2.shape[0],)](x2, res if res is not None else x2, summed if summed is not None else x2, weight,
+                                     out, n, eps, float(offset), x2.stride(0),
+                                     res.stride(0) if res is not None else 0, out.stride(0), HAS_RES=res is not None,
+                                     W_FP32=weight_in_fp32, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out, summed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, weight_in_fp32: bool) -> torch.Tensor:
+    """RMSNorm over the last dimension (RMSNorm._forward_ref's roundings)."""
+    return _norm(_rows(x), None, weight, eps, offset, weight_in_fp32)[0].view(x.shape)
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                 weight_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + x, RMSNorm of that sum): the add and the norm in one pass over each row."""
+    assert residual.shape == x.shape, "the residual must have x's shape"
+    out, summed = _norm(_rows(x), _rows(residual), weight, eps, offset, weight_in_fp32)
+    return summed.view(x.shape), out.view(x.shape)
 
 
 @triton.jit
@@ -149,9 +156,7 @@ ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu
 def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """act(gate) · up, elementwise over [.., N] tensors with unit last stride."""
     n = gate.shape[-1]
-    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
-    if g2.stride(-1) != 1 or u2.stride(-1) != 1:
-        g2, u2 = g2.contiguous(), u2.contiguous()
+    g2, u2 = _rows(gate), _rows(up)
     out = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
     _act_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),

@@ -83,7 +83,8 @@ def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     transforms x for all of them: x' [G, m, k_pad], sums [G, m, k_pad/128]."""
     m, k = x.shape
     k_pad = suh.shape[-1]
-    assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad and suh.is_contiguous(), (x.shape, x.stride(), suh.shape)
+    assert x.stride(1) == 1 and k_pad % 128 == 0 and k <= k_pad and suh.is_contiguous(), \
+        (x.shape, x.stride(), suh.shape)
     groups = suh.shape[:-1]
     out = torch.empty(*groups, m, k_pad, device=x.device, dtype=torch.float16)
     sums = torch.empty(*groups, m, k_pad // 128, device=x.device, dtype=torch.float32)

@@ -26,27 +26,20 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.layers.attention import AttentionParams, attention_ref
+from trellm.cache.paged import Segment, segment_attention
+from trellm.kernels import sm_count
+from trellm.layers.attention import AttentionParams
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         q_start: torch.Tensor, q_offsets: torch.Tensor, params: AttentionParams) -> torch.Tensor:
     """q [T, H, D], caches [P, page_size, Hkv, D], block_table [N, W] int, q_start [N], q_offsets [N+1]
-    -> [T, H, D]. Reads the index tensors on the host (one sync): a reference, not a fast path."""
-    page = k_cache.shape[1]
-    out = torch.zeros_like(q)
+    -> [T, H, D]: cache/paged.py's segment_attention on the same batch. Reads the index tensors on the
+    host (one sync): a reference, not a fast path."""
     starts, offsets, table = q_start.tolist(), q_offsets.tolist(), block_table.tolist()
-    for i, start in enumerate(starts):
-        r0, r1 = offsets[i], offsets[i + 1]
-        if r1 == r0:
-            continue
-        end = start + r1 - r0  # keys 0 .. end - 1
-        pos = torch.arange(end)
-        pages = torch.as_tensor(table[i], dtype=torch.long)[pos // page].to(q.device)
-        offs = (pos % page).to(q.device)
-        keys, values = k_cache[pages, offs][None], v_cache[pages, offs][None]  # [1, end, Hkv, D]
-        out[r0:r1] = attention_ref(q[None, r0:r1], keys, values, start, params)[0]
-    return out
+    segments = [Segment(offsets[i], start, offsets[i + 1] - offsets[i], table[i]) for i, start in enumerate(starts)
+                if offsets[i + 1] > offsets[i]]
+    return segment_attention(q[None], k_cache, v_cache, segments, params)[0]
 
 
 @triton.jit
@@ -158,8 +151,7 @@ def _combine_kernel(part_ptr, stats_ptr, out_ptr, T, H, stride_ot, stride_oh,
 
 def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Key-range splits for a decode batch: enough programs for two per SM, at most 16."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(16, (2 * sms) // max(1, num_seqs * num_kv_heads)))
+    return max(1, min(16, (2 * sm_count(device)) // max(1, num_seqs * num_kv_heads)))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.quant import exl3_format as fmt
 
 NUM_STATES = 1 << 16
 BACK_BYTES = 1 << 30  # backpointer memory per launch; larger batches of tiles run in several launches
@@ -119,16 +118,6 @@ def _search(targets: torch.Tensor, lut: torch.Tensor, bits: int, start: torch.Te
 
 def viterbi(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
     """The Triton counterpart of viterbi_ref: states [T, 256] (int64) of targets [T, 256]."""
-    from trellm.quant.convert.viterbi import WRAP_CONTEXT
+    from trellm.quant.convert.viterbi import tail_biting_search
 
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be 1..8, got {bits}")
-    targets = targets.float().contiguous()
-    lut = fmt.codebook_lut(codebook, targets.device).contiguous()  # fp16 [65536]: exact in fp32
-    if not tail_biting:
-        return _search(targets, lut, bits, None).long()
-    length = targets.shape[1]
-    ctx = min(WRAP_CONTEXT, length // 2)
-    around = torch.cat([targets[:, length - ctx :], targets[:, :ctx]], dim=1)
-    wrap = _search(around, lut, bits, None)[:, ctx - 1]
-    return _search(targets, lut, bits, wrap).long()
+    return tail_biting_search(targets, bits, codebook, _search, tail_biting=tail_biting)

@@ -30,10 +30,10 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + x, norm(h + x)): the residual add and the next norm, one kernel on CUDA."""
-        if h.is_cuda and x.shape == h.shape:
-            from trellm.kernels.fused import rms_norm
+        if h.is_cuda:
+            from trellm.kernels.fused import add_rms_norm
 
-            return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_fp32, residual=h)
+            return add_rms_norm(h, x, self.weight, self.eps, self.offset, self.weight_in_fp32)
         h = h + x
         return h, self(h)
 

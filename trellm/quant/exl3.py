@@ -159,11 +159,13 @@ class EXL3Linear(LinearImpl):
         group_blocks = tuple(blocks[:-1])
 
         def run(x: torch.Tensor) -> list[torch.Tensor]:
-            x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] > 16:  # prefill: each member's dequantize + cuBLAS path
-                return [i(x) for i in impls]
+            from trellm.kernels.exl3_dispatch import SMALL_M
             from trellm.kernels.exl3_gemv import exl3_gemv
             from trellm.kernels.hadamard import had_in
+
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] > SMALL_M:  # prefill: each member's dequantize + cuBLAS path (exl3_matmul)
+                return [i(x) for i in impls]
 
             x_h, x_sums = had_in(x2.contiguous(), suh)
             y = exl3_gemv(x_h, x_sums, trellis, svh, bias, first.codebook, col, x.dtype, group_blocks=group_blocks)

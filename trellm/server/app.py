@@ -254,9 +254,8 @@ def create_app(state: ServerState) -> FastAPI:
         jobs = _jobs(state, req, prompt, max_new, top, constraint or _constraint(req.response_format))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            usage = bool((req.stream_options or {}).get("include_usage"))
             streams = state.engine.submit_many(jobs)  # errors are 400s before the stream starts
-            return EventSourceResponse(_chat_events(state, jobs, streams, rid, created, len(prompt), usage,
+            return EventSourceResponse(_chat_events(state, jobs, streams, rid, created, len(prompt), req.include_usage,
                                                     req.logprobs, specs if use_tools else []), ping=15)
         streams = state.engine.submit_many(jobs)
         outs = await asyncio.gather(*(_collect(state, stream, job) for stream, job in zip(streams, jobs)))
@@ -273,7 +272,7 @@ def create_app(state: ServerState) -> FastAPI:
                       if req.logprobs else None, "finish_reason": reason}
             choices.append(choice)
         return {"id": rid, "object": "chat.completion", "created": created, "model": state.name, "choices": choices,
-                "usage": _usage(len(prompt), outs)}
+                "usage": _outs_usage(len(prompt), outs)}
 
     @app.post("/v1/completions", dependencies=[Depends(auth)])
     async def completions(req: CompletionRequest):
@@ -286,9 +285,8 @@ def create_app(state: ServerState) -> FastAPI:
                 raise ApiError(400, "streaming takes one prompt", param="prompt")
             jobs = _jobs(state, req, prompts[0], req.max_tokens, top if req.logprobs is not None else 0, None)
             streams = state.engine.submit_many(jobs)
-            usage = bool((req.stream_options or {}).get("include_usage"))
             return EventSourceResponse(_completion_events(state, jobs, streams, rid, created, prompts[0], req.echo,
-                                                          usage, req.logprobs is not None), ping=15)
+                                                          req.include_usage, req.logprobs is not None), ping=15)
         choices, all_outs, total_prompt = [], [], 0
         for p in prompts:
             jobs = _jobs(state, req, p, req.max_tokens, top if req.logprobs is not None else 0, None)
@@ -301,7 +299,7 @@ def create_app(state: ServerState) -> FastAPI:
                 choices.append({"index": len(choices), "text": text, "logprobs": lp,
                                 "finish_reason": out["finish_reason"]})
             all_outs += outs
-        usage = _usage(total_prompt, all_outs)
+        usage = _outs_usage(total_prompt, all_outs)
         return {"id": rid, "object": "text_completion", "created": created, "model": state.name, "choices": choices,
                 "usage": usage}
 
@@ -439,11 +437,15 @@ async def _collect(state: ServerState, stream: AsyncIterator[JobResult], job: Jo
     return {"text": "".join(text), "tokens": tokens, "logprobs": logprobs, "finish_reason": reason, "cached": cached}
 
 
-def _usage(prompt_tokens: int, outs: list[dict]) -> dict:
-    completion = sum(len(o["tokens"]) for o in outs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": max((o["cached"] for o in outs), default=0)}}
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def _outs_usage(prompt_tokens: int, outs: list[dict]) -> dict:
+    """Usage of whole answers (from _collect)."""
+    return _usage(prompt_tokens, sum(len(o["tokens"]) for o in outs), max((o["cached"] for o in outs), default=0))
 
 
 def _token_text(state: ServerState, t: int) -> str:
@@ -543,8 +545,7 @@ async def _chat_events(state: ServerState, jobs: list[Job], streams: list, rid: 
                           "finish_reason": reason}])
     if include_usage:
         done = sum(counts)
-        yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": done,
-                         "total_tokens": prompt_tokens + done, "prompt_tokens_details": {"cached_tokens": cached}})
+        yield chunk([], _usage(prompt_tokens, done, cached))
     yield "[DONE]"
 
 
@@ -571,7 +572,5 @@ async def _completion_events(state: ServerState, jobs: list[Job], streams: list,
             yield chunk(i, r.text, r.finish_reason if r.finished else None, lp)
     if include_usage:
         yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": state.name,
-                          "choices": [], "usage": {"prompt_tokens": len(prompt), "completion_tokens": done,
-                                                   "total_tokens": len(prompt) + done,
-                                                   "prompt_tokens_details": {"cached_tokens": cached}}})
+                          "choices": [], "usage": _usage(len(prompt), done, cached)})
     yield "[DONE]"

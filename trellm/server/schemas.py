@@ -38,6 +38,11 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0)
     banned_strings: list[str] = Field(default_factory=list, max_length=64)  # never in the output
 
+    @property
+    def include_usage(self) -> bool:
+        """stream_options.include_usage: end a stream with a chunk carrying the usage."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")

@@ -16,6 +16,8 @@ runs the Triton kernel of kernels/viterbi.py instead on CUDA tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from trellm.quant import exl3_format as fmt
@@ -28,6 +30,7 @@ def _search(targets: torch.Tensor, values: torch.Tensor, bits: int, start: torch
     """Best state sequence [T, L] for targets [T, L]; `start` [T] forces the state before step 0
     (and the path must then end in it), None leaves both ends free."""
     t, length = targets.shape
+    values = values.float()
     groups = NUM_STATES >> bits  # states sharing their predecessors: indexed by s' >> K
     dev = targets.device
     arange = torch.arange(NUM_STATES, device=dev)
@@ -54,23 +57,33 @@ def _search(targets: torch.Tensor, values: torch.Tensor, bits: int, start: torch
     return states
 
 
-def viterbi_ref(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
-    """States [T, 256] (int64) of the closest trellis path to each row of targets [T, 256] (fp32).
+Search = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor | None], torch.Tensor]
 
-    With tail_biting the path is a ring (state 255 precedes state 0), as the format stores it."""
+
+def tail_biting_search(targets: torch.Tensor, bits: int, codebook: str, search: Search, *,
+                       tail_biting: bool = True) -> torch.Tensor:
+    """States [T, L] (int64) of the closest trellis path to each row of targets [T, L], found by `search`
+    (targets fp32, the codebook's fp16 value table, K, forced start state or None -> states): the torch
+    `_search` here or the Triton kernel's. With tail_biting the path is a ring (the last state precedes
+    the first), as the format stores it."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be 1..8, got {bits}")
-    targets = targets.float()
-    values = fmt.codebook_lut(codebook, targets.device).float()
+    targets = targets.float().contiguous()
+    values = fmt.codebook_lut(codebook, targets.device)  # fp16 [65536], exact in fp32
     if not tail_biting:
-        return _search(targets, values, bits, None)
+        return search(targets, values, bits, None).long()
     # Pass 1 only has to choose the state at the wrap point, and a state depends on little beyond
     # its 16/K predecessors: WRAP_CONTEXT steps on each side of the wrap suffice.
     length = targets.shape[1]
     ctx = min(WRAP_CONTEXT, length // 2)
     around = torch.cat([targets[:, length - ctx :], targets[:, :ctx]], dim=1)  # p = L-ctx .. L-1, 0 .. ctx-1
-    wrap = _search(around, values, bits, None)[:, ctx - 1]  # the state at original p = L - 1
-    return _search(targets, values, bits, wrap)
+    wrap = search(around, values, bits, None)[:, ctx - 1]  # the state at original p = L - 1
+    return search(targets, values, bits, wrap).long()
+
+
+def viterbi_ref(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
+    """The torch reference of tail_biting_search, vectorised over tiles."""
+    return tail_biting_search(targets, bits, codebook, _search, tail_biting=tail_biting)
 
 
 def trellis_search(targets: torch.Tensor, bits: int, codebook: str, *, tail_biting: bool = True) -> torch.Tensor:
