@@ -1,7 +1,10 @@
 """Speed of the Triton Viterbi search (issue 4): tiles per second by K, the time a 4096×14336 linear
 (229,376 tiles) would take, and the check against the torch reference on a sample.
 
-    python benchmarks/bench_viterbi.py [--tiles 4096] [--bits 2,3,4,5,6,8]
+    python benchmarks/bench_viterbi.py [--tiles 4096] [--bits 2,3,4,5,6,8] [--variants 1024:8,512:4]
+
+A variant is groups per chunk : warps; each K is then checked and timed with its fastest variant
+(without --variants, with kernels/viterbi.py CONFIGS).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 
 import torch
 
+from trellm.kernels import viterbi as kv
 from trellm.kernels.viterbi import viterbi
 from trellm.quant.convert.viterbi import decode_states, viterbi_ref
 
@@ -21,9 +25,25 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=4096)
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--codebook", default="mul1")
+    ap.add_argument("--variants", default="")
     args = ap.parse_args()
+    variants = [v.split(":") for v in args.variants.split(",")] if args.variants else []
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
+        speeds = {}
+        for gc, warps in variants:
+            kv.CONFIGS[bits] = (int(gc), int(warps))
+            x = torch.randn(args.tiles, 256, device="cuda")
+            viterbi(x[:8], bits, args.codebook)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            viterbi(x, bits, args.codebook)
+            torch.cuda.synchronize()
+            speeds[f"{gc}:{warps}"] = round(args.tiles / (time.perf_counter() - t0))
+        if variants:
+            print(f"K={bits} tiles/s by variant: {speeds}", flush=True)
+            best = max(speeds, key=speeds.get)
+            kv.CONFIGS[bits] = tuple(int(v) for v in best.split(":"))
         x = torch.randn(args.tiles, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(bits))
         viterbi(x[:8], bits, args.codebook)  # compile
         torch.cuda.synchronize()
@@ -35,7 +55,7 @@ def main() -> None:
         ref = viterbi_ref(x[:64], bits, args.codebook)
         same = float((ref == states[:64]).all(dim=1).float().mean())
         rows.append({"bits": bits, "tiles_per_s": round(args.tiles / sec), "layer_4096x14336_s": round(229376 / (args.tiles / sec), 1),
-                     "mse": round(mse, 5), "same_as_ref": same})
+                     "mse": round(mse, 5), "same_as_ref": same, "config": kv.CONFIGS[bits]})
     print(f"card: {torch.cuda.get_device_name()}")
     print(f"{'K':>3} {'tiles/s':>10} {'4096x14336 s':>13} {'MSE':>9} {'= ref':>6}")
     for r in rows:

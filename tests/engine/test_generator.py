@@ -320,3 +320,18 @@ def test_banned_strings_rewind_and_never_show(tiny_chat_model):
         Generator(model).enqueue(Job(prompt, banned_strings=["x"]))
     with pytest.raises(GenerationError, match="empty"):
         gen.enqueue(Job(prompt, banned_strings=[""]))
+
+
+@pytest.mark.gpu
+def test_gpu_warmup_captures_every_bucket_and_changes_nothing(tiny_model_dir):
+    """warmup() (a server's start) compiles and captures every decode bucket, leaves the pool full and the
+    generator answering exactly as a fresh one."""
+    model = load_model(tiny_model_dir("llama")[0], device="cuda", dtype="float32")
+    prompts = random_prompts(4, 5, 30)
+    warm = Generator(model, page_size=16, max_seqs=6, cache_tokens=16 * 40)
+    warm.warmup()
+    assert sorted(warm.graphs._graphs) == warm.graphs.buckets
+    assert warm.pool.available == warm.pool.num_pages and not warm.busy
+    cold = Generator(model, page_size=16, max_seqs=6, cache_tokens=16 * 40)
+    jobs = [Job(p, max_new_tokens=12) for p in prompts]
+    assert warm.generate(jobs) == cold.generate(jobs)

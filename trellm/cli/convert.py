@@ -72,10 +72,11 @@ class _Display:
         remaining = elapsed / done * (n - done)
         proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
+        stages = "".join(f", {k} {v:.1f}" for k, v in info.get("stages", {}).items())
         self.console.print(
             f"layer {done}/{n}: {'/'.join(map(str, bits))} bits, output error {info['rel_error']:.4f} "
             f"(SQNR {-20 * math.log10(max(info['rel_error'], 1e-12)):.1f} dB); proxy {proxies}  "
-            f"[{info['seconds']:.1f} s, elapsed {elapsed:.0f} s, ~{remaining:.0f} s left]", markup=False,
+            f"[{info['seconds']:.1f} s{stages}; elapsed {elapsed:.0f} s, ~{remaining:.0f} s left]", markup=False,
             soft_wrap=True)
         self.bar.update(self.task, completed=done, left=f"~{remaining:.0f} s left")
 

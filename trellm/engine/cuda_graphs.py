@@ -59,6 +59,12 @@ class DecodeGraphs:
         cap.graph.replay()
         return cap.logits[:n]
 
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now (a server's start) instead of on first use."""
+        for b in self.buckets:
+            if b not in self._graphs:
+                self._capture(b)
+
     def _pack(self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
               b: int) -> list[int]:
         """The packed input of bucket b: ids, positions, slots, first positions [b] each, then the page

@@ -73,6 +73,7 @@ class ServerState:
     def attach(self, llm: LLM, name: str) -> None:
         self._llm, self.name = llm, name
         self.generator = Generator(llm.model, tokenizer=llm.tokenizer, **self.engine_options)
+        self.generator.warmup()  # kernels compiled and decode graphs captured before the first request
         self.engine = AsyncGenerator(self.generator)
 
     async def detach(self) -> None:

@@ -90,3 +90,22 @@ def test_channel_scales_lower_the_error_of_uneven_weights():
     plain = quantize_linear(w, h, 2, seed=1, scale_channels=False).proxy_error
     scaled = quantize_linear(w, h, 2, seed=1).proxy_error
     assert scaled < 0.95 * plain, (scaled, plain)
+
+
+def test_quantize_linears_together_equals_one_by_one():
+    """A layer's linears quantized together (shared trellis searches, mixed bit widths and sizes) give
+    exactly what each gives alone."""
+    from trellm.quant.convert.quantize import LinearJob, quantize_linears
+
+    g = torch.Generator().manual_seed(11)
+    jobs = []
+    for n, k, bits in [(200, 136, 2), (128, 256, 3), (96, 128, 2)]:
+        w = torch.randn(n, k, generator=g)
+        x = torch.randn(300, k, generator=g)
+        jobs.append(LinearJob(w, x.T @ x / 300, bits, seed=n))
+    together = quantize_linears(jobs)
+    for job, q in zip(jobs, together):
+        alone = quantize_linear(job.weight, job.hessian, job.bits, seed=job.seed)
+        assert torch.equal(q.trellis, alone.trellis)
+        assert torch.equal(q.svh, alone.svh) and torch.equal(q.suh, alone.suh)
+        assert q.proxy_error == alone.proxy_error

@@ -13,7 +13,7 @@ quantization error of that strip's adjusted target.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Generator
 
 import torch
 
@@ -45,8 +45,10 @@ def block_ldl(h: torch.Tensor, *, damping: float = 0.025, retries: int = 6) -> t
     return l, d, damping
 
 
-def ldlq(w: torch.Tensor, l: torch.Tensor, quantize_strip: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Ŵ [k, n] by block LDLQ. `quantize_strip(b, target [16, n]) -> Ŵ_b [16, n]` quantizes one strip."""
+def ldlq_steps(w: torch.Tensor, l: torch.Tensor) -> Generator[tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Block LDLQ as a coroutine: yields (b, target [16, n] float32) for each strip from the last to the
+    first, takes the quantized strip Ŵ_b back through send(), and returns Ŵ [k, n]. Several linears'
+    coroutines can then advance together and share each trellis search (quantize.quantize_linears)."""
     k, n = w.shape
     nb = k // STRIP
     w64 = w.double()
@@ -59,10 +61,21 @@ def ldlq(w: torch.Tensor, l: torch.Tensor, quantize_strip: Callable[[int, torch.
         below = lb[b + 1 :, :, b, :].reshape(-1, STRIP)  # [(nb-b-1)·16, 16]
         feedback = below.T @ err[(b + 1) * STRIP :]  # [16, n]
         target = w64[rows] + feedback
-        q = quantize_strip(b, target.float()).double()
+        q = (yield b, target.float()).double()
         out[rows] = q
         err[rows] = w64[rows] - q
     return out.to(w.dtype)
+
+
+def ldlq(w: torch.Tensor, l: torch.Tensor, quantize_strip: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Ŵ [k, n] by block LDLQ. `quantize_strip(b, target [16, n]) -> Ŵ_b [16, n]` quantizes one strip."""
+    steps = ldlq_steps(w, l)
+    try:
+        b, target = next(steps)
+        while True:
+            b, target = steps.send(quantize_strip(b, target))
+    except StopIteration as done:
+        return done.value
 
 
 def ldlq_direct(w: torch.Tensor, h: torch.Tensor, quantize_strip: Callable[[int, torch.Tensor], torch.Tensor],

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from trellm.quant import exl3_format as fmt
-from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq
+from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq_steps
 from trellm.quant.convert.viterbi import decode_states, trellis_search
 from trellm.quant.exl3 import round_up
 
@@ -57,21 +58,32 @@ def _tiles_to_strip(seq: torch.Tensor) -> torch.Tensor:
     return tiles.permute(1, 0, 2).reshape(STRIP, -1)
 
 
-def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator, samples: int = 8) -> float:
-    """Global scale g (target = Wr / g) minimising the trellis error on a sample of tiles."""
+def _scale_samples(wr: torch.Tensor, generator: torch.Generator, samples: int = 8) -> torch.Tensor:
+    """A few random 16×16 tiles of the rotated weights (sequence order) to choose the global scale on."""
     k, n = wr.shape
-    rms = float(wr.pow(2).mean().sqrt()) or 1.0
     a = torch.randint(0, k // 16, (samples,), generator=generator)
     c = torch.randint(0, n // 16, (samples,), generator=generator)
-    tiles = torch.stack([_strip_to_tiles(wr[16 * i : 16 * i + 16, 16 * j : 16 * j + 16])[0] for i, j in zip(a, c)])
-    best = None
-    for f in SCALE_CANDIDATES:
-        g = rms * f
-        q = decode_states(trellis_search(tiles / g, bits, codebook, tail_biting=False), codebook) * g
-        err = float((tiles - q).pow(2).mean())
-        if best is None or err < best[0]:
-            best = (err, g)
-    return best[1]
+    return torch.stack([_strip_to_tiles(wr[16 * i : 16 * i + 16, 16 * j : 16 * j + 16])[0] for i, j in zip(a, c)])
+
+
+def _choose_scales(samples: list[torch.Tensor], rms: list[float], bits: int, codebook: str) -> list[float]:
+    """Per linear, the global scale g (target = Wr / g) of SCALE_CANDIDATES × RMS(Wr) with the least
+    trellis error on its sample tiles; every linear and candidate in one search."""
+    trials = [(i, r * f) for i, r in enumerate(rms) for f in SCALE_CANDIDATES]
+    tiles = torch.cat([samples[i] / g for i, g in trials])
+    q = decode_states(trellis_search(tiles, bits, codebook, tail_biting=False), codebook)
+    best: list[tuple[float, float] | None] = [None] * len(samples)
+    for (i, g), q_t in zip(trials, q.split([len(samples[i]) for i, _ in trials])):
+        err = float((samples[i] - q_t * g).pow(2).mean())
+        if best[i] is None or err < best[i][0]:
+            best[i] = (err, g)
+    return [b[1] for b in best]
+
+
+def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator, samples: int = 8) -> float:
+    """Global scale g (target = Wr / g) minimising the trellis error on a sample of tiles."""
+    rms = float(wr.pow(2).mean().sqrt()) or 1.0
+    return _choose_scales([_scale_samples(wr, generator, samples)], [rms], bits, codebook)[0]
 
 
 def channel_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +98,37 @@ def channel_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return d, c
 
 
-def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, codebook: str = "mul1",
-                    seed: int = 0, damping: float = 0.025, scale_channels: bool = True) -> QuantizedLinear:
-    """weight [n, k] (Hugging Face layout), hessian [k, k] = mean of xᵀx over calibration rows."""
+@dataclass
+class LinearJob:
+    """One linear to quantize: weight [n, k] (Hugging Face layout), hessian [k, k] = mean of xᵀx."""
+    weight: torch.Tensor
+    hessian: torch.Tensor
+    bits: int
+    seed: int = 0
+
+
+@dataclass
+class _Plan:
+    """A linear between its preparation and the end of its LDLQ."""
+    job: LinearJob
+    w: torch.Tensor  # padded [kp, np]
+    su: torch.Tensor
+    sv: torch.Tensor
+    wr: torch.Tensor  # rotated, channel-scaled
+    l: torch.Tensor
+    damping: float
+    samples: torch.Tensor
+    rms: float  # of wr: the scale candidates are multiples of it
+    scale: float = 1.0
+    trellis: torch.Tensor | None = None
+
+
+def _prepare(job: LinearJob, damping: float, scale_channels: bool) -> _Plan:
+    weight, hessian = job.weight, job.hessian
     n, k = weight.shape
     kp, np_ = round_up(k, 128), round_up(n, 128)
     dev = weight.device
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(job.seed)
     w = F.pad(weight.float().T, (0, np_ - n, 0, kp - k))  # [kp, np]
     h = torch.zeros(kp, kp, dtype=torch.float64, device=dev)
     h[:k, :k] = hessian.double()
@@ -105,23 +141,61 @@ def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, c
     su, sv = su * d, sv * c
     wr = _had_both(w / su[:, None] / sv[None, :])  # rotated weights: close to i.i.d. Gaussian
     hr = _had_both((h * su.double()[:, None] * su.double()[None, :]))  # Hk·S·H·S·Hk
-    scale = choose_scale(wr, bits, codebook, g)
+    samples = _scale_samples(wr, g)
     l, _, used = block_ldl(hr, damping=damping)
-    trellis = torch.empty(kp // 16, np_ // 16, 16 * bits, dtype=torch.int16, device=dev)
+    return _Plan(job, w, su, sv, wr, l, used, samples, float(wr.pow(2).mean().sqrt()) or 1.0)
 
-    def quantize_strip(b: int, target: torch.Tensor) -> torch.Tensor:
-        states = trellis_search(_strip_to_tiles(target / scale), bits, codebook)  # [tiles, 256]
-        trellis[b] = fmt.pack_states(states, bits)
-        return _tiles_to_strip(decode_states(states, codebook) * scale)
 
-    wr_hat = ldlq(wr, l, quantize_strip)
-    suh, svh = su.half(), (sv * scale).half()
+def _finish(plan: _Plan, wr_hat: torch.Tensor, codebook: str) -> QuantizedLinear:
+    n, k = plan.job.weight.shape
+    w, scale = plan.w, plan.scale
+    suh, svh = plan.su.half(), (plan.sv * scale).half()
     # Report the error in the original space as a reader reconstructs it (fp16 suh/svh), on the real
     # (unpadded) rows and columns: padded output columns soak up part of the rotated error but are
     # thrown away by every reader.
     w_hat = _had_both(wr_hat / scale) * suh.float()[:, None] * svh.float()[None, :]
     e = (w[:k, :n] - w_hat[:k, :n]).double()
-    w64, h64 = w[:k, :n].double(), hessian.double()
+    w64, h64 = w[:k, :n].double(), plan.job.hessian.double()
     proxy = float(torch.trace(e.T @ h64 @ e) / torch.trace(w64.T @ h64 @ w64))
-    return QuantizedLinear(trellis=trellis, suh=suh, svh=svh, bits=bits, codebook=codebook, proxy_error=proxy,
-                           damping=used)
+    return QuantizedLinear(trellis=plan.trellis, suh=suh, svh=svh, bits=plan.job.bits, codebook=codebook,
+                           proxy_error=proxy, damping=plan.damping)
+
+
+def quantize_linears(jobs: Sequence[LinearJob], *, codebook: str = "mul1", damping: float = 0.025,
+                     scale_channels: bool = True) -> list[QuantizedLinear]:
+    """Quantize several linears (a layer's) at once, each exactly as quantize_linear would alone. Their
+    LDLQ strips advance together and every step's tiles of one bit width go through one trellis search:
+    a GPU launch then holds thousands of tiles instead of one strip's few dozen (the strips of one
+    linear are sequential, so a lone small linear leaves most of the GPU idle)."""
+    plans = [_prepare(job, damping, scale_channels) for job in jobs]
+    for bits in sorted({p.job.bits for p in plans}):
+        group = [p for p in plans if p.job.bits == bits]
+        for p, scale in zip(group, _choose_scales([p.samples for p in group], [p.rms for p in group], bits, codebook)):
+            p.scale = scale
+    for p in plans:
+        kp, np_ = p.w.shape
+        p.trellis = torch.empty(kp // 16, np_ // 16, 16 * p.job.bits, dtype=torch.int16, device=p.w.device)
+    steps = {i: ldlq_steps(p.wr, p.l) for i, p in enumerate(plans)}
+    pending = {i: next(s) for i, s in steps.items()}  # plan -> (strip, target) waiting for its search
+    results: dict[int, torch.Tensor] = {}
+    while pending:
+        for bits in sorted({plans[i].job.bits for i in pending}):
+            ids = [i for i in pending if plans[i].job.bits == bits]
+            tiles = [_strip_to_tiles(pending[i][1] / plans[i].scale) for i in ids]
+            states = trellis_search(torch.cat(tiles), bits, codebook).split([len(t) for t in tiles])
+            for i, st in zip(ids, states):
+                p, b = plans[i], pending[i][0]
+                p.trellis[b] = fmt.pack_states(st, bits)
+                try:
+                    pending[i] = steps[i].send(_tiles_to_strip(decode_states(st, codebook) * p.scale))
+                except StopIteration as done:
+                    results[i] = done.value
+                    del pending[i]
+    return [_finish(p, results[i], codebook) for i, p in enumerate(plans)]
+
+
+def quantize_linear(weight: torch.Tensor, hessian: torch.Tensor, bits: int, *, codebook: str = "mul1",
+                    seed: int = 0, damping: float = 0.025, scale_channels: bool = True) -> QuantizedLinear:
+    """weight [n, k] (Hugging Face layout), hessian [k, k] = mean of xᵀx over calibration rows."""
+    return quantize_linears([LinearJob(weight, hessian, bits, seed)], codebook=codebook, damping=damping,
+                            scale_channels=scale_channels)[0]
