@@ -19,7 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--windows", type=int, default=None, help="use only the first N windows")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None,
+                   help="compute dtype of both models (default: float32 for kld — bf16 rounding alone puts "
+                        "SmolLM2-135M at KL 0.001 from its float32 self, the size of a 6-bpw model's loss; "
+                        "the model's own dtype for ppl)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -40,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot read {args.text}: {e.strerror or e}") from e
     ids = Tokenizer.from_folder(args.model).encode(text, add_special_tokens=False)
     windows = windows_of(ids, args.window, args.windows)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    reference = load_model(args.reference, device=args.device, dtype=args.dtype) if args.reference else None
+    dtype = args.dtype or ("float32" if args.metric == "kld" else None)
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    reference = load_model(args.reference, device=args.device, dtype=dtype) if args.reference else None
     result = evaluate(model, windows, reference)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))

@@ -140,10 +140,36 @@ def test_progress_display_prints_a_line_per_layer_in_logs(capsys):
     with _Display() as show:  # stderr is not a terminal here: plain lines, no live bar
         for layer in (2, 3):  # a resumed job reports from its first unfinished layer
             show({"layer": layer, "num_layers": 4, "bits": {"q_proj": 4, "down_proj": 3}, "rel_error": 0.01,
-                  "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 1.5, "elapsed": 10.0 * (layer - 1)})
+                  "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 1.5, "elapsed": 10.0 * (layer - 1),
+                  "stages": {"hessians": 0.2, "quantize": 1.1, "forward": 0.2, "checkpoint_wait": 0.0}})
         show({"layer": "head", "num_layers": 4, "proxy": {"lm_head": 0.005}, "elapsed": 31.0})
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[0].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123")
     assert "~3 s left" in lines[0] and "~0 s left" in lines[1]  # 10 s for 3 layers -> 1 left ≈ 3 s
+    assert "[1.5 s, hessians 0.2, quantize 1.1, forward 0.2, checkpoint_wait 0.0; elapsed 10 s" in lines[0]
     assert lines[2] == "head: proxy error 0.005  [31 s]"
     assert len(lines) == 3
+
+
+@pytest.mark.gpu
+def test_gpu_generated_calibration_is_one_seeded_batch(tmp_path):
+    """On a GPU the default calibration rows come from the Generator in one batch: the right shape, each
+    row its prompt then sampled text, the same rows for the same seed, others for another, and the
+    caller's CUDA random stream left as it was."""
+    from trellm.io.tokenizer import Tokenizer
+    from trellm.models.loader import load_model
+    from trellm.quant.convert.calibration import calibration_rows
+
+    src = _tiny(tmp_path)
+    model = load_model(src, device="cuda", dtype="float32", fuse=False)
+    tok = Tokenizer.from_folder(src)
+    torch.cuda.manual_seed(123)
+    before = torch.cuda.get_rng_state()
+    a = calibration_rows(model, tok, rows=12, cols=40, text_file=None, seed=1)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    b = calibration_rows(model, tok, rows=12, cols=40, text_file=None, seed=1)
+    c = calibration_rows(model, tok, rows=12, cols=40, text_file=None, seed=2)
+    assert a.shape == (12, 40) and torch.equal(a, b) and not torch.equal(a, c)
+    first = tok.encode("The history of")
+    assert a[0, : len(first)].tolist() == first
+    assert len({tuple(r) for r in a[:8].tolist()}) == 8  # sampled, not one greedy text per prompt

@@ -35,30 +35,45 @@ def random_rows(vocab_size: int, rows: int, cols: int, generator: torch.Generato
     return torch.randint(0, vocab_size, (rows, cols), generator=generator)
 
 
+GENERATE_BATCH = 256  # most calibration rows written at once on a GPU
+GENERATE_MEMORY = 0.4  # of the free GPU memory their KV cache may take
+
+
 def generated_rows(model, tokenizer, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows the model writes itself: sampled continuations (temperature 1, a seed per row) of neutral
-    prompts. On a GPU all rows run as one continuous batch through the Generator (an 8B model writes
-    250 × 2048 tokens in well under a minute); on the CPU one row at a time through the simple loop."""
+    """Rows the model writes itself: sampled continuations (temperature 1) of neutral prompts.
+
+    On a GPU the rows run as one continuous batch through the Generator (as many at once as the cache
+    memory allows, up to GENERATE_BATCH), sampled in one batched draw per step from the device's random
+    stream seeded from `generator` (per-row seeds would cost a draw per row and step). On the CPU, one
+    row at a time through the simple loop with a seed per row."""
     from trellm.engine.sampling import SamplingParams
 
-    prompts, params = [], []
-    for i in range(rows):
-        prompts.append(tokenizer.encode(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)])[: cols - 1])
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        params.append(SamplingParams(temperature=1.0, seed=seed))
+    prompts = [tokenizer.encode(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)])[: cols - 1] for i in range(rows)]
     if model.device.type == "cuda":
+        from trellm.cache.paged import PagedKVCache
+        from trellm.cache.pages import PAGE_SIZE
         from trellm.engine.generator import Generator, Job
 
-        batch = min(rows, 64)
-        engine = Generator(model, max_seq_len=cols, cache_tokens=batch * cols, max_seqs=batch)
-        outs = engine.generate([Job(p, max_new_tokens=cols - len(p), sampling=sp) for p, sp in zip(prompts, params)])
+        free, _ = torch.cuda.mem_get_info(model.device)
+        fit = PagedKVCache.pages_for_memory(model.config, int(free * GENERATE_MEMORY), PAGE_SIZE, model.dtype)
+        batch = max(1, min(rows, GENERATE_BATCH, fit * PAGE_SIZE // cols))
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+            torch.cuda.manual_seed(seed)
+            engine = Generator(model, max_seq_len=cols, cache_tokens=batch * cols, max_seqs=batch)
+            outs = engine.generate([Job(p, max_new_tokens=cols - len(p), sampling=SamplingParams(temperature=1.0))
+                                    for p in prompts])
         del engine  # its KV cache, before the converter needs the memory
         torch.cuda.empty_cache()
     else:
         from trellm.engine.generate import GenerationRequest, generate_tokens
 
-        outs = [list(generate_tokens(model, GenerationRequest(p, max_new_tokens=cols - len(p), sampling=sp)))
-                for p, sp in zip(prompts, params)]
+        outs = []
+        for p in prompts:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            request = GenerationRequest(p, max_new_tokens=cols - len(p),
+                                        sampling=SamplingParams(temperature=1.0, seed=seed))
+            outs.append(list(generate_tokens(model, request)))
     return torch.tensor([(p + o)[:cols] for p, o in zip(prompts, outs)])
 
 
