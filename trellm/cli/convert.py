@@ -27,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rows", type=int, default=250, help="calibration rows (default 250)")
     p.add_argument("--cols", type=int, default=2048, help="tokens per calibration row (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="run the calibration forward passes and Hessians in full float32 on a GPU (default: "
+                        "TF32 tensor cores, several times faster; the quantization itself is float32/float64 "
+                        "either way)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--batch", type=int, default=8, help="calibration rows per forward pass (default 8)")
     p.add_argument("-r", "--resume", action="store_true", help="continue the job in WORKDIR")
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = ConvertArgs(input=args.input, output=args.output, workdir=args.workdir, bpw=args.bpw,
                       head_bits=args.head_bits, codebook=args.codebook, calibration=args.calibration,
-                      rows=args.rows, cols=args.cols, seed=args.seed)
+                      rows=args.rows, cols=args.cols, seed=args.seed, tf32=args.tf32)
     with _Display() as display:
         out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
                       progress=display)

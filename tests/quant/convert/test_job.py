@@ -130,7 +130,7 @@ def test_cli_help_documents_every_flag(capsys):
         main(["convert", "-h"])
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--workdir", "--bpw", "--head-bits", "--codebook", "--calibration",
-                 "--rows", "--cols", "--device", "--resume"):
+                 "--rows", "--cols", "--device", "--resume", "--no-tf32"):
         assert flag in text
 
 

@@ -15,6 +15,7 @@ layer's position, not from a running generator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,7 +24,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ class ConvertArgs:
     cols: int = 2048
     seed: int = 0
     shard_bytes: int = 8 * 2**30
+    tf32: bool = True  # calibration forwards and Hessians on TF32 tensor cores (GPU)
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.bpw) <= 8.0:
@@ -166,6 +168,20 @@ def _seed(base: int, layer: int, index: int) -> int:
 
 
 # ---- calibration forward passes -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _matmul_tf32(enabled: bool) -> Iterator[None]:
+    """float32 matmuls on TF32 tensor cores inside (GPU). The calibration passes of an 8B layer over
+    250 × 2048 tokens are ~5e14 flops (forward + Hessians): ~10 s in float32 on an H100/H200, a few
+    seconds in TF32, whose rounding (10-bit mantissa products, float32 sums) is far below the
+    quantization error those passes measure. Not used for the rotations and LDLQ."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
 
 def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: int,
                    hooks: dict[str, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
@@ -290,7 +306,8 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                 if key not in hessians:
                     hessians[key] = _Hessian(lin.in_features, dev)
                     hooks[lin.name] = hessians[key].add
-            reference = _layer_forward(model, idx, states, batch, hooks)
+            with _matmul_tf32(args.tf32):
+                reference = _layer_forward(model, idx, states, batch, hooks)
             t1 = time.perf_counter()
             tensors: dict[str, torch.Tensor] = {}
             proxies = {}
@@ -301,7 +318,8 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                 tensors |= _install(lin, q, dev)
             del jobs
             t2 = time.perf_counter()
-            states = _layer_forward(model, idx, states, batch)
+            with _matmul_tf32(args.tf32):
+                states = _layer_forward(model, idx, states, batch)
             err = float((states - reference).norm() / reference.norm().clamp_min(1e-30))
             t3 = time.perf_counter()
             stats = {"layer": idx, "bits": {n.rsplit(".", 1)[1]: bits[n] for n in (lin.name for lin in linears)},
@@ -323,7 +341,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     head_file = work / "head.safetensors"
     if not head_file.exists():
         hessian = _Hessian(cfg.hidden_size, dev)
-        with torch.no_grad():
+        with torch.no_grad(), _matmul_tf32(args.tf32):
             for r0 in range(0, states.shape[0], batch):
                 hessian.add(model.norm(states[r0 : r0 + batch]))
         q = quantize_linear(model.lm_head.impl.dense_weight(), hessian.mean(), int(args.head_bits),
