@@ -2,6 +2,7 @@
 (229,376 tiles) would take, and the check against the torch reference on a sample.
 
     python benchmarks/bench_viterbi.py [--tiles 4096] [--bits 2,3,4,5,6,8] [--variants 1024:8,512:4]
+                                       [--launch-tiles 256]
 
 A variant is groups per chunk : warps; each K is then checked and timed with its fastest variant
 (without --variants, with kernels/viterbi.py CONFIGS).
@@ -26,7 +27,16 @@ def main() -> None:
     ap.add_argument("--bits", default="2,3,4,5,6,8")
     ap.add_argument("--codebook", default="mul1")
     ap.add_argument("--variants", default="")
+    ap.add_argument("--launch-tiles", type=int, default=0,
+                    help="search the tiles in launches of this many, one after the other (as LDLQ does strip by "
+                         "strip: e.g. 256 for a 14336->4096 down_proj); prints ms per launch")
     args = ap.parse_args()
+
+    def search(x: torch.Tensor, bits: int) -> torch.Tensor:
+        if not args.launch_tiles:
+            return viterbi(x, bits, args.codebook)
+        return torch.cat([viterbi(c, bits, args.codebook) for c in x.split(args.launch_tiles)])
+
     variants = [v.split(":") for v in args.variants.split(",")] if args.variants else []
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
@@ -37,7 +47,7 @@ def main() -> None:
             viterbi(x[:8], bits, args.codebook)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            viterbi(x, bits, args.codebook)
+            search(x, bits)
             torch.cuda.synchronize()
             speeds[f"{gc}:{warps}"] = round(args.tiles / (time.perf_counter() - t0))
         if variants:
@@ -48,18 +58,21 @@ def main() -> None:
         viterbi(x[:8], bits, args.codebook)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        states = viterbi(x, bits, args.codebook)
+        states = search(x, bits)
         torch.cuda.synchronize()
         sec = time.perf_counter() - t0
         mse = float(((decode_states(states, args.codebook) - x) ** 2).mean())
         ref = viterbi_ref(x[:64], bits, args.codebook)
         same = float((ref == states[:64]).all(dim=1).float().mean())
         rows.append({"bits": bits, "tiles_per_s": round(args.tiles / sec), "layer_4096x14336_s": round(229376 / (args.tiles / sec), 1),
-                     "mse": round(mse, 5), "same_as_ref": same, "config": kv.CONFIGS[bits]})
+                     "mse": round(mse, 5), "same_as_ref": same, "config": kv.CONFIGS[bits],
+                     "ms_per_launch": round(1000 * sec / -(-args.tiles // args.launch_tiles), 2) if args.launch_tiles
+                     else None})
     print(f"card: {torch.cuda.get_device_name()}")
-    print(f"{'K':>3} {'tiles/s':>10} {'4096x14336 s':>13} {'MSE':>9} {'= ref':>6}")
+    print(f"{'K':>3} {'tiles/s':>10} {'4096x14336 s':>13} {'MSE':>9} {'= ref':>6} {'ms/launch':>9}")
     for r in rows:
-        print(f"{r['bits']:>3} {r['tiles_per_s']:>10} {r['layer_4096x14336_s']:>13} {r['mse']:>9} {r['same_as_ref']:>6}")
+        print(f"{r['bits']:>3} {r['tiles_per_s']:>10} {r['layer_4096x14336_s']:>13} {r['mse']:>9} {r['same_as_ref']:>6} "
+              f"{r['ms_per_launch'] or '':>9}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}))
 
 

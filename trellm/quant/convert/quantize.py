@@ -21,7 +21,11 @@ from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq_steps
 from trellm.quant.convert.viterbi import decode_states, trellis_search
 from trellm.quant.exl3 import round_up
 
-SCALE_CANDIDATES = (0.92, 1.0, 1.08)  # × the RMS of the rotated weights (codebook RMS ~1)
+# Global scale candidates, × the RMS of the rotated weights (the codebooks' RMS is ~1 for mul1, ~1.24 for
+# mcg/3inst): low bit widths do best near 1, high ones far above it (the extremes dominate their error).
+SCALE_CANDIDATES = (0.85, 1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.4)
+SCALE_TOP_TILES = 16  # tiles with the largest values, always in the scale search
+SCALE_RANDOM_TILES = 48  # random tiles standing for the rest (at most 1/16 of a matrix's tiles each)
 
 
 @dataclass
@@ -58,32 +62,54 @@ def _tiles_to_strip(seq: torch.Tensor) -> torch.Tensor:
     return tiles.permute(1, 0, 2).reshape(STRIP, -1)
 
 
-def _scale_samples(wr: torch.Tensor, generator: torch.Generator, samples: int = 8) -> torch.Tensor:
-    """A few random 16×16 tiles of the rotated weights (sequence order) to choose the global scale on."""
-    k, n = wr.shape
-    a = torch.randint(0, k // 16, (samples,), generator=generator)
-    c = torch.randint(0, n // 16, (samples,), generator=generator)
-    return torch.stack([_strip_to_tiles(wr[16 * i : 16 * i + 16, 16 * j : 16 * j + 16])[0] for i, j in zip(a, c)])
+def _scale_samples(wr: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of the rotated weights (sequence order) to choose the global scale on, and the weight of
+    each in an estimate of the whole matrix's trellis error: the tiles holding the largest values, each
+    counted once, plus a random sample of the rest standing for all of them.
+
+    The extremes must be in the sample: a trellis reaches only 2^K codebook values per step, so a
+    value a few sigma out costs far more than the typical one, and rotated real weights have several
+    times the Gaussian share beyond 3.5 sigma. On SmolLM2-135M a sample of 8 random tiles chose 1.08 x
+    RMS at K = 6 where the layer's Hessian-weighted error was 3.4x lower at 1.5 x RMS."""
+    kp, np_ = wr.shape
+    peaks = wr.abs().view(kp // 16, 16, np_ // 16, 16).amax(dim=(1, 3)).flatten()  # per tile
+    n = peaks.numel()
+    top_n = min(SCALE_TOP_TILES, max(1, n // 16))
+    rand_n = min(SCALE_RANDOM_TILES, max(1, n // 16), n - top_n)
+    top = peaks.topk(top_n).indices.cpu()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[top] = False
+    others = torch.nonzero(rest).flatten()
+    picked = others[torch.randperm(len(others), generator=generator)[:rand_n]]
+    index = torch.cat([top, picked])
+    tiles = torch.stack([_strip_to_tiles(wr[16 * (int(t) // (np_ // 16)) : 16 * (int(t) // (np_ // 16)) + 16,
+                                             16 * (int(t) % (np_ // 16)) : 16 * (int(t) % (np_ // 16)) + 16])[0]
+                         for t in index])
+    weights = torch.cat([torch.ones(top_n), torch.full((rand_n,), (n - top_n) / max(rand_n, 1))])
+    return tiles, weights.to(wr.device)
 
 
-def _choose_scales(samples: list[torch.Tensor], rms: list[float], bits: int, codebook: str) -> list[float]:
+def _choose_scales(samples: list[tuple[torch.Tensor, torch.Tensor]], rms: list[float], bits: int, codebook: str
+                   ) -> list[float]:
     """Per linear, the global scale g (target = Wr / g) of SCALE_CANDIDATES × RMS(Wr) with the least
-    trellis error on its sample tiles; every linear and candidate in one search."""
+    estimated trellis error over the whole matrix (_scale_samples); every linear and candidate in one
+    search."""
     trials = [(i, r * f) for i, r in enumerate(rms) for f in SCALE_CANDIDATES]
-    tiles = torch.cat([samples[i] / g for i, g in trials])
+    tiles = torch.cat([samples[i][0] / g for i, g in trials])
     q = decode_states(trellis_search(tiles, bits, codebook, tail_biting=False), codebook)
     best: list[tuple[float, float] | None] = [None] * len(samples)
-    for (i, g), q_t in zip(trials, q.split([len(samples[i]) for i, _ in trials])):
-        err = float((samples[i] - q_t * g).pow(2).mean())
+    for (i, g), q_t in zip(trials, q.split([len(samples[i][0]) for i, _ in trials])):
+        t, w = samples[i]
+        err = float(((t - q_t * g).pow(2).sum(dim=1) * w).sum())
         if best[i] is None or err < best[i][0]:
             best[i] = (err, g)
     return [b[1] for b in best]
 
 
-def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator, samples: int = 8) -> float:
-    """Global scale g (target = Wr / g) minimising the trellis error on a sample of tiles."""
+def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator) -> float:
+    """Global scale g (target = Wr / g) minimising the estimated trellis error of the whole matrix."""
     rms = float(wr.pow(2).mean().sqrt()) or 1.0
-    return _choose_scales([_scale_samples(wr, generator, samples)], [rms], bits, codebook)[0]
+    return _choose_scales([_scale_samples(wr, generator)], [rms], bits, codebook)[0]
 
 
 def channel_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +143,7 @@ class _Plan:
     wr: torch.Tensor  # rotated, channel-scaled
     l: torch.Tensor
     damping: float
-    samples: torch.Tensor
+    samples: tuple[torch.Tensor, torch.Tensor]  # tiles for the scale search and their weights
     rms: float  # of wr: the scale candidates are multiples of it
     scale: float = 1.0
     trellis: torch.Tensor | None = None
