@@ -91,6 +91,10 @@ def test_refuses_a_workdir_from_another_job(tmp_path):
     other = _args(src, tmp_path, "a", bpw=5)
     with pytest.raises(ConvertError, match="different arguments.*bpw"):
         convert(other, resume=True)
+    job = tmp_path / "work-a" / "job.json"  # a job an older converter left (its layers differ from ours)
+    job.write_text(job.read_text().replace('"version": 2', '"version": 1'))
+    with pytest.raises(ConvertError, match="converter version 1.*new work folder"):
+        convert(_args(src, tmp_path, "a", bpw=3), resume=True, force=True)
 
 
 @pytest.mark.parametrize("change, error, words", [

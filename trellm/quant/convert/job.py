@@ -50,7 +50,7 @@ from trellm.quant.exl3_writer import WRITER_VERSION, linear_tensors
 
 log = logging.getLogger(__name__)
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: TF32 calibration passes, wider global-scale search (layers differ from version 1's)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "chat_template.jinja", "chat_template.json")
 
@@ -255,6 +255,9 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
         if not resume:
             raise ConvertError(f"{work} already holds a conversion job; pass -r/--resume to continue it, or choose "
                                "an empty work folder")
+        if saved.get("version") != JOB_VERSION:
+            raise ConvertError(f"{work} holds a job of converter version {saved.get('version')} (this trellm writes "
+                               f"version {JOB_VERSION}, whose layers differ): start again in a new work folder")
         if saved.get("args") != state["args"] and not force:
             diff = sorted(k for k in set(saved.get("args", {})) | set(state["args"])
                           if saved.get("args", {}).get(k) != state["args"].get(k))
