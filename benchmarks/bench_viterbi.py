@@ -37,30 +37,29 @@ def main() -> None:
             return viterbi(x, bits, args.codebook)
         return torch.cat([viterbi(c, bits, args.codebook) for c in x.split(args.launch_tiles)])
 
+    def timed(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
+        """(states, seconds) of one search of x, its kernels compiled first."""
+        viterbi(x[:8], bits, args.codebook)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        states = search(x, bits)
+        torch.cuda.synchronize()
+        return states, time.perf_counter() - t0
+
     variants = [v.split(":") for v in args.variants.split(",")] if args.variants else []
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):
         speeds = {}
         for gc, warps in variants:
             kv.CONFIGS[bits] = (int(gc), int(warps))
-            x = torch.randn(args.tiles, 256, device="cuda")
-            viterbi(x[:8], bits, args.codebook)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            search(x, bits)
-            torch.cuda.synchronize()
-            speeds[f"{gc}:{warps}"] = round(args.tiles / (time.perf_counter() - t0))
+            _, sec = timed(torch.randn(args.tiles, 256, device="cuda"), bits)
+            speeds[f"{gc}:{warps}"] = round(args.tiles / sec)
         if variants:
             print(f"K={bits} tiles/s by variant: {speeds}", flush=True)
             best = max(speeds, key=speeds.get)
             kv.CONFIGS[bits] = tuple(int(v) for v in best.split(":"))
         x = torch.randn(args.tiles, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(bits))
-        viterbi(x[:8], bits, args.codebook)  # compile
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        states = search(x, bits)
-        torch.cuda.synchronize()
-        sec = time.perf_counter() - t0
+        states, sec = timed(x, bits)
         mse = float(((decode_states(states, args.codebook) - x) ** 2).mean())
         ref = viterbi_ref(x[:64], bits, args.codebook)
         same = float((ref == states[:64]).all(dim=1).float().mean())

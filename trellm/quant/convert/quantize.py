@@ -72,7 +72,8 @@ def _scale_samples(wr: torch.Tensor, generator: torch.Generator) -> tuple[torch.
     times the Gaussian share beyond 3.5 sigma. On SmolLM2-135M a sample of 8 random tiles chose 1.08 x
     RMS at K = 6 where the layer's Hessian-weighted error was 3.4x lower at 1.5 x RMS."""
     kp, np_ = wr.shape
-    peaks = wr.abs().view(kp // 16, 16, np_ // 16, 16).amax(dim=(1, 3)).flatten()  # per tile
+    blocks = wr.view(kp // 16, 16, np_ // 16, 16).permute(0, 2, 1, 3).reshape(-1, 16, 16)  # row-major tiles
+    peaks = blocks.abs().amax(dim=(1, 2))
     n = peaks.numel()
     top_n = min(SCALE_TOP_TILES, max(1, n // 16))
     rand_n = min(SCALE_RANDOM_TILES, max(1, n // 16), n - top_n)
@@ -81,10 +82,8 @@ def _scale_samples(wr: torch.Tensor, generator: torch.Generator) -> tuple[torch.
     rest[top] = False
     others = torch.nonzero(rest).flatten()
     picked = others[torch.randperm(len(others), generator=generator)[:rand_n]]
-    index = torch.cat([top, picked])
-    tiles = torch.stack([_strip_to_tiles(wr[16 * (int(t) // (np_ // 16)) : 16 * (int(t) // (np_ // 16)) + 16,
-                                             16 * (int(t) % (np_ // 16)) : 16 * (int(t) % (np_ // 16)) + 16])[0]
-                         for t in index])
+    row, col = fmt.tile_order(wr.device)
+    tiles = blocks[torch.cat([top, picked]).to(wr.device)][:, row, col]  # sequence order, as _strip_to_tiles
     weights = torch.cat([torch.ones(top_n), torch.full((rand_n,), (n - top_n) / max(rand_n, 1))])
     return tiles, weights.to(wr.device)
 
@@ -106,10 +105,13 @@ def _choose_scales(samples: list[tuple[torch.Tensor, torch.Tensor]], rms: list[f
     return [b[1] for b in best]
 
 
+def _rms(wr: torch.Tensor) -> float:
+    return float(wr.pow(2).mean().sqrt()) or 1.0
+
+
 def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Generator) -> float:
     """Global scale g (target = Wr / g) minimising the estimated trellis error of the whole matrix."""
-    rms = float(wr.pow(2).mean().sqrt()) or 1.0
-    return _choose_scales([_scale_samples(wr, generator)], [rms], bits, codebook)[0]
+    return _choose_scales([_scale_samples(wr, generator)], [_rms(wr)], bits, codebook)[0]
 
 
 def channel_scales(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +146,8 @@ class _Plan:
     l: torch.Tensor
     damping: float
     samples: tuple[torch.Tensor, torch.Tensor]  # tiles for the scale search and their weights
-    rms: float  # of wr: the scale candidates are multiples of it
+    trellis: torch.Tensor  # int16 [kp/16, np/16, 16K], filled strip by strip
     scale: float = 1.0
-    trellis: torch.Tensor | None = None
 
 
 def _prepare(job: LinearJob, damping: float, scale_channels: bool) -> _Plan:
@@ -169,7 +170,8 @@ def _prepare(job: LinearJob, damping: float, scale_channels: bool) -> _Plan:
     hr = _had_both((h * su.double()[:, None] * su.double()[None, :]))  # Hk·S·H·S·Hk
     samples = _scale_samples(wr, g)
     l, _, used = block_ldl(hr, damping=damping)
-    return _Plan(job, w, su, sv, wr, l, used, samples, float(wr.pow(2).mean().sqrt()) or 1.0)
+    trellis = torch.empty(kp // 16, np_ // 16, 16 * job.bits, dtype=torch.int16, device=dev)
+    return _Plan(job, w, su, sv, wr, l, used, samples, trellis)
 
 
 def _finish(plan: _Plan, wr_hat: torch.Tensor, codebook: str) -> QuantizedLinear:
@@ -196,11 +198,9 @@ def quantize_linears(jobs: Sequence[LinearJob], *, codebook: str = "mul1", dampi
     plans = [_prepare(job, damping, scale_channels) for job in jobs]
     for bits in sorted({p.job.bits for p in plans}):
         group = [p for p in plans if p.job.bits == bits]
-        for p, scale in zip(group, _choose_scales([p.samples for p in group], [p.rms for p in group], bits, codebook)):
+        scales = _choose_scales([p.samples for p in group], [_rms(p.wr) for p in group], bits, codebook)
+        for p, scale in zip(group, scales):
             p.scale = scale
-    for p in plans:
-        kp, np_ = p.w.shape
-        p.trellis = torch.empty(kp // 16, np_ // 16, 16 * p.job.bits, dtype=torch.int16, device=p.w.device)
     steps = {i: ldlq_steps(p.wr, p.l) for i, p in enumerate(plans)}
     pending = {i: next(s) for i, s in steps.items()}  # plan -> (strip, target) waiting for its search
     results: dict[int, torch.Tensor] = {}
