@@ -162,3 +162,28 @@ def test_dry_penalises_tokens_that_continue_a_repeat():
         q = SamplingParams(dry_multiplier=1.0, dry_base=1.5, dry_allowed_length=draw(1, 4),
                            dry_breakers=[3] if seq[0] % 2 else [], dry_range=draw(0, 30))
         assert dry_penalties(seq, q) == pytest.approx(_dry_naive(seq, q)), (seq, q)
+
+
+def test_a_seeded_row_samples_the_same_whatever_runs_beside_it_and_in_any_order():
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)) * 2
+    p = SamplingParams(temperature=1.0, seed=11)
+
+    def run(seeds, steps=30):  # tokens of each seed's row over `steps` batched draws
+        gens = {s: torch.Generator().manual_seed(s) for s in seeds}
+        out = {s: [] for s in seeds}
+        for _ in range(steps):
+            tokens = sample_batch(logits.expand(len(seeds), -1), [p] * len(seeds), [gens[s] for s in seeds])
+            for s, t in zip(seeds, tokens.tolist()):
+                out[s].append(t)
+        return out
+
+    alone, crowd = run([11]), run([5, 11, 7, 2])
+    assert alone[11] == crowd[11] == run([2, 7, 11])[11]
+    assert len({tuple(v) for v in crowd.values()}) == 4  # different seeds, different draws
+    assert len(set(alone[11])) > 3
+
+
+@pytest.mark.gpu
+def test_sampling_generators_must_live_on_the_cpu():
+    with pytest.raises(ValueError, match="CPU torch.Generators"):
+        sample(LOGITS, SamplingParams(temperature=1.0), torch.Generator(device="cuda"))

@@ -12,8 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="quantize a model to EXL3",
         description="Quantize an unquantized model folder (or an imported GGUF) to EXL3, one layer at a time. "
-                    "The job is checkpointed in WORKDIR after every layer; -r continues after a crash or Ctrl-C "
-                    "and produces the same output as an uninterrupted run.")
+                    "The job is checkpointed in WORKDIR (see --checkpoint-interval); -r continues after a crash or "
+                    "Ctrl-C and produces the same output as an uninterrupted run.")
     p.add_argument("-i", "--input", required=True, help="unquantized model folder (config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output folder for the EXL3 model (written at the end)")
     p.add_argument("-w", "--workdir", required=True, help="work folder for the job's checkpoints")
@@ -33,6 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "either way)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--batch", type=int, default=8, help="calibration rows per forward pass (default 8)")
+    p.add_argument("--checkpoint-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="checkpoint the finished layers and calibration states at most this often (default 60; "
+                        "0 = after every layer; always after the last layer and on Ctrl-C). A hard crash loses "
+                        "at most this much work")
     p.add_argument("-r", "--resume", action="store_true", help="continue the job in WORKDIR")
     p.add_argument("--force-resume", action="store_true",
                    help="with -r: continue even though the arguments differ from the job's")
@@ -54,6 +58,7 @@ class _Display:
                             disable=not (self.console.is_terminal and sys.stdout.isatty()))
         self.task = None
         self.t0 = time.perf_counter()
+        self.layer_seconds: list[float] = []
 
     def __enter__(self) -> _Display:
         self.bar.__enter__()
@@ -67,13 +72,20 @@ class _Display:
         elapsed = info.get("elapsed", time.perf_counter() - self.t0)
         if self.task is None:
             self.task = self.bar.add_task("convert", total=n + 1, left="")  # + 1: the head
+        if info["layer"] == "setup":
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in info["stages"].items())
+            resumed = f"; resuming after layer {info['resumed_after']}" if info["resumed_after"] else ""
+            self.console.print(f"setup: {stages}{resumed}", markup=False, soft_wrap=True)
+            self.bar.update(self.task, completed=info["resumed_after"])
+            return
         if info["layer"] == "head":
             self.console.print(f"head: proxy error {info['proxy']['lm_head']:.4g}  [{elapsed:.0f} s]", markup=False,
                                soft_wrap=True)
             self.bar.update(self.task, completed=n + 1, left="")
             return
         done = info["layer"] + 1
-        remaining = elapsed / done * (n - done)
+        self.layer_seconds.append(info["seconds"])
+        remaining = sum(self.layer_seconds) / len(self.layer_seconds) * (n - done)  # the head: about one layer
         proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
         stages = "".join(f", {k} {v:.1f}" for k, v in info.get("stages", {}).items())
@@ -93,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
                       rows=args.rows, cols=args.cols, seed=args.seed, tf32=args.tf32)
     with _Display() as display:
         out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
-                      progress=display)
+                      progress=display, checkpoint_interval=args.checkpoint_interval)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -67,7 +67,7 @@ def generate_tokens(
                               dtype=model.dtype)
     gen = None
     if request.sampling.seed is not None and not request.sampling.greedy:
-        gen = torch.Generator(device=device).manual_seed(request.sampling.seed)
+        gen = torch.Generator().manual_seed(request.sampling.seed)  # CPU: one key per step (sampling.py)
     stop = set(request.stop_token_ids)
     switch = model.config.rope_switch_length()
     tokens = list(prompt)

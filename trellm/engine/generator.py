@@ -178,7 +178,7 @@ class Generator:
         self.scheduler.add(Request(job_id, prompt, max_new))
         rng = None
         if job.sampling.seed is not None and not job.sampling.greedy:
-            rng = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
+            rng = torch.Generator().manual_seed(job.sampling.seed)  # CPU: one key per step (sampling.py)
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         self._jobs[job_id] = _Running(job, rng, frozenset(job.stop_token_ids), detok, matcher)
         return job_id

@@ -17,7 +17,9 @@ rows at once (each with its own parameters), in this order:
    tokens whose surprise is closest to the entropy, up to the mass), and XTC (with
    probability `xtc_probability`, drop every token at or above `xtc_threshold` except the
    least likely of them, when there are at least two);
-5. one draw per row from its own generator (seeded jobs repeat whatever runs beside them).
+5. one draw per row from its own generator (seeded jobs repeat whatever runs beside them):
+   Gumbel-max sampling with counter-based noise keyed per row (`gumbel_argmax`), one batched draw
+   for rows with different seeds.
 
 The order of 4 follows the usual Hugging Face pipeline (temperature, top-k, top-p), so
 seeded results are comparable across tools.
@@ -252,14 +254,58 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     if sampled:
         sub = [params[i] for i in sampled]
         gens = [generators[i] for i in sampled]
-        probs = filter_logits(logits[sampled], sub, gens).softmax(-1)
-        if all(g is gens[0] for g in gens):  # one generator (or none) for all: one draw
-            draws = torch.multinomial(probs, 1, generator=gens[0]).squeeze(-1)
-        else:
-            draws = torch.cat([torch.multinomial(probs[j : j + 1], 1, generator=g).squeeze(-1)
-                               for j, g in enumerate(gens)])
-        out[sampled] = draws
+        out[sampled] = gumbel_argmax(filter_logits(logits[sampled], sub, gens), _row_keys(gens))
     return out
+
+
+# A draw from softmax(logits) is argmax(logits + Gumbel noise). The noise of row i and token v is a
+# hash of (key_i, v), the key being one 64-bit number per row and step from the row's own generator
+# (CPU; the global one for rows without). So a batch of rows with different seeds samples in a few
+# elementwise kernels (torch.multinomial takes one generator per call: a chain of launches per seeded
+# row and step), and a seeded row's tokens depend on its seed alone, not on the rows beside it or the
+# batch order. 24 bits of noise bound it to [-2.9, 17.3]: a token more than ~20 below the best logit
+# (probability < 1e-8) is never drawn.
+_GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 (the golden ratio in 64 bits) as a signed int64
+_MIX1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9
+_MIX2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> keeps the sign)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser: a bijection of int64 whose output bits all depend on every input bit
+    (multiplications wrap modulo 2^64)."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _row_keys(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One int64 per row from its generator; rows sharing a generator (None: the global one) take
+    consecutive draws of one call, in row order."""
+    def draw(n: int, g: torch.Generator | None) -> torch.Tensor:
+        return torch.randint(-2**63, 2**63 - 1, (n,), dtype=torch.int64, generator=g)
+
+    rows: dict[int, list[int]] = {}  # generator (by identity; None = global) -> its rows in order
+    for i, g in enumerate(generators):
+        if g is not None and g.device.type != "cpu":
+            raise ValueError("sampling generators must be CPU torch.Generators (they draw one key per row)")
+        rows.setdefault(id(g), []).append(i)
+    keys = torch.empty(len(generators), dtype=torch.int64)
+    for idx in rows.values():
+        keys[idx] = draw(len(idx), generators[idx[0]])
+    return keys
+
+
+def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Token ids [B] drawn from softmax(logits [B, V]) (-inf = excluded) with noise from keys [B] int64."""
+    v = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=torch.int64)
+    h = _mix64(keys.to(logits.device)[:, None] + v[None, :] * _GOLDEN)
+    u = (_shr(h, 40).float() + 0.5) * 2.0**-24  # 24 uniform bits in (0, 1): exact in float32
+    return (logits.float() - torch.log(-torch.log(u))).argmax(dim=-1)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

@@ -26,7 +26,10 @@ import triton.language as tl
 
 
 NUM_STATES = 1 << 16
-BACK_BYTES = 1 << 30  # backpointer memory per launch; larger batches of tiles run in several launches
+# Backpointer memory per launch (larger batches of tiles run in several launches): a quarter of the free
+# device memory within these bounds. A fixed 1 GiB held K = 2 launches to 256 tiles (4 MB each), a
+# quarter of the programs an H200 runs at once.
+BACK_BYTES_MIN, BACK_BYTES_MAX = 1 << 28, 1 << 34
 
 
 @triton.jit
@@ -115,8 +118,10 @@ def _viterbi_traceback_kernel(back_ptr, end_ptr, states_ptr, T, L, K: tl.constex
         s = (h << (16 - K)) | (s >> K)
 
 
-# (groups per chunk, warps) by K, the fastest of benchmarks/bench_viterbi.py --variants on an H200.
-CONFIGS = {1: (1024, 8), 2: (1024, 8), 3: (512, 4), 4: (512, 4), 5: (4096, 16), 6: (4096, 16), 7: (4096, 16),
+# (groups per chunk, warps) by K: the fastest of benchmarks/bench_viterbi.py --variants on an H200 with
+# 2688-tile launches (an 8B layer's LDLQ step) and, for K = 4 and 6, 256-tile launches (down_proj's
+# strips alone); K = 1 and 7 take their neighbours' settings (unmeasured).
+CONFIGS = {1: (2048, 16), 2: (2048, 16), 3: (2048, 8), 4: (1024, 8), 5: (1024, 8), 6: (1024, 8), 7: (1024, 8),
            8: (1024, 4)}
 
 
@@ -124,7 +129,10 @@ def _search(targets: torch.Tensor, lut: torch.Tensor, bits: int, start: torch.Te
     t, length = targets.shape
     groups = NUM_STATES >> bits
     out = torch.empty(t, length, dtype=torch.int32, device=targets.device)
-    batch = max(1, BACK_BYTES // ((length + 1) * groups))
+    budget = BACK_BYTES_MIN
+    if targets.is_cuda:
+        budget = min(BACK_BYTES_MAX, max(BACK_BYTES_MIN, torch.cuda.mem_get_info(targets.device)[0] // 4))
+    batch = max(1, budget // ((length + 1) * groups))
     gc, warps = CONFIGS[bits]
     gc = min(groups, gc)
     for t0 in range(0, t, batch):

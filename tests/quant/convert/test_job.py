@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -39,12 +40,19 @@ def _args(src, tmp_path, name="out", **kw):
                        bpw=kw.pop("bpw", 4), rows=kw.pop("rows", 3), cols=kw.pop("cols", 24), **kw)
 
 
-def test_round_trip_loads_and_tracks_the_original(tmp_path):
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory):
+    """A 2-layer tiny model and its uninterrupted conversion (work folder beside it)."""
+    tmp = tmp_path_factory.mktemp("two-layers")
+    src = _tiny(tmp, layers=2)
+    return src, convert(_args(src, tmp, "whole", head_bits=5))
+
+
+def test_round_trip_loads_and_tracks_the_original(two_layers):
     from trellm.cache.contiguous import ContiguousKVCache
     from trellm.models.loader import load_model
 
-    src = _tiny(tmp_path)
-    out = convert(_args(src, tmp_path, head_bits=5))
+    src, out = two_layers
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "exl3" and qc["bits"] == 4 and qc["head_bits"] == 5 and qc["codebook"] == "mul1"
     assert (out / "tokenizer.json").exists() and (out / "quantization_config.json").exists()
@@ -61,40 +69,57 @@ def test_round_trip_loads_and_tracks_the_original(tmp_path):
     assert (torch.softmax(b, -1) * (torch.log_softmax(b, -1) - torch.log_softmax(a, -1))).sum(-1).mean() < 0.05
 
 
-def test_resume_after_a_crash_gives_identical_output(tmp_path):
-    src = _tiny(tmp_path, layers=2)
-    whole = convert(_args(src, tmp_path, "whole"))
+class Crash(Exception):
+    pass
 
-    class Crash(Exception):
-        pass
 
-    def crash_after_first_layer(info):
-        if info["layer"] == 0:
-            raise Crash
+def _stop_at(layer, stop):
+    def progress(info):
+        if info["layer"] == layer:
+            raise stop
+    return progress
 
-    args = _args(src, tmp_path, "resumed")
-    with pytest.raises(Crash):
-        convert(args, progress=crash_after_first_layer)
+
+@pytest.mark.parametrize("stop, interval", [
+    (Crash, 0),  # checkpoints after every layer: layer 0 survives a crash
+    (KeyboardInterrupt, 1e9),  # no checkpoint due yet, but Ctrl-C writes the finished layers before leaving
+])
+def test_resume_after_a_stop_gives_identical_output(tmp_path, two_layers, stop, interval):
+    src, whole = two_layers
+    args = _args(src, tmp_path, "resumed", head_bits=5)
+    with pytest.raises(stop):
+        convert(args, progress=_stop_at(0, stop), checkpoint_interval=interval)
     assert not (tmp_path / "resumed").exists()  # nothing half-written
     with pytest.raises(ConvertError, match="resume"):
         convert(args)  # the work folder holds a job: refuse to start over silently
     seen = []
-    convert(args, resume=True, progress=lambda info: seen.append(info["layer"]))
-    assert seen == [1, "head"]  # layer 0 was not redone
+    convert(args, resume=True, progress=lambda info: seen.append(info["layer"]), checkpoint_interval=interval)
+    assert seen == ["setup", 1, "head"]  # layer 0 was not redone
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "resumed" / name).read_bytes() == (whole / name).read_bytes()
 
 
-def test_refuses_a_workdir_from_another_job(tmp_path):
-    src = _tiny(tmp_path)
-    convert(_args(src, tmp_path, "a", bpw=3))
-    other = _args(src, tmp_path, "a", bpw=5)
+def test_a_crash_before_any_checkpoint_leaves_a_resumable_job(tmp_path, two_layers):
+    src, _ = two_layers
+    args = _args(src, tmp_path, "early", head_bits=5)
+    with pytest.raises(Crash):
+        convert(args, progress=_stop_at("setup", Crash))
+    job = json.loads((tmp_path / "work-early" / "job.json").read_text())
+    assert job["finished"] == 0 and job["args"] == args.identity()
+    with pytest.raises(ConvertError, match="resume"):
+        convert(args)
+
+
+def test_refuses_a_workdir_from_another_job(tmp_path, two_layers):
+    src, whole = two_layers
+    shutil.copytree(whole.parent / "work-whole", tmp_path / "work-a")  # a finished bpw 4 job
+    other = _args(src, tmp_path, "a", bpw=5, head_bits=5)
     with pytest.raises(ConvertError, match="different arguments.*bpw"):
         convert(other, resume=True)
     job = tmp_path / "work-a" / "job.json"  # a job an older converter left (its layers differ from ours)
     job.write_text(job.read_text().replace('"version": 2', '"version": 1'))
     with pytest.raises(ConvertError, match="converter version 1.*new work folder"):
-        convert(_args(src, tmp_path, "a", bpw=3), resume=True, force=True)
+        convert(_args(src, tmp_path, "a", head_bits=5), resume=True, force=True)
 
 
 @pytest.mark.parametrize("change, error, words", [
@@ -134,7 +159,7 @@ def test_cli_help_documents_every_flag(capsys):
         main(["convert", "-h"])
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--workdir", "--bpw", "--head-bits", "--codebook", "--calibration",
-                 "--rows", "--cols", "--device", "--resume", "--no-tf32"):
+                 "--rows", "--cols", "--device", "--resume", "--no-tf32", "--checkpoint-interval"):
         assert flag in text
 
 
@@ -142,17 +167,21 @@ def test_progress_display_prints_a_line_per_layer_in_logs(capsys):
     from trellm.cli.convert import _Display
 
     with _Display() as show:  # stderr is not a terminal here: plain lines, no live bar
+        show({"layer": "setup", "num_layers": 4, "resumed_after": 2, "elapsed": 3.5,
+              "stages": {"load": 1.0, "calibration": 2.0, "states": 0.5}})
         for layer in (2, 3):  # a resumed job reports from its first unfinished layer
             show({"layer": layer, "num_layers": 4, "bits": {"q_proj": 4, "down_proj": 3}, "rel_error": 0.01,
-                  "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 1.5, "elapsed": 10.0 * (layer - 1),
-                  "stages": {"hessians": 0.2, "quantize": 1.1, "forward": 0.2, "checkpoint_wait": 0.0}})
-        show({"layer": "head", "num_layers": 4, "proxy": {"lm_head": 0.005}, "elapsed": 31.0})
+                  "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 3.0, "elapsed": 3.5 + 3 * (layer - 1),
+                  "stages": {"hessians": 0.2, "quantize": 2.6, "forward": 0.2, "checkpoint_wait": 0.0}})
+        show({"layer": "head", "num_layers": 4, "proxy": {"lm_head": 0.005}, "elapsed": 12.0})
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123")
-    assert "~3 s left" in lines[0] and "~0 s left" in lines[1]  # 10 s for 3 layers -> 1 left ≈ 3 s
-    assert "[1.5 s, hessians 0.2, quantize 1.1, forward 0.2, checkpoint_wait 0.0; elapsed 10 s" in lines[0]
-    assert lines[2] == "head: proxy error 0.005  [31 s]"
-    assert len(lines) == 3
+    assert lines[0] == "setup: load 1.0 s, calibration 2.0 s, states 0.5 s; resuming after layer 2"
+    assert lines[1].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123")
+    # the estimate counts this run's layer times only (not the setup, not the layers done before the resume)
+    assert "~3 s left" in lines[1] and "~0 s left" in lines[2]
+    assert "[3.0 s, hessians 0.2, quantize 2.6, forward 0.2, checkpoint_wait 0.0; elapsed 6 s" in lines[1]
+    assert lines[3] == "head: proxy error 0.005  [12 s]"
+    assert len(lines) == 4
 
 
 @pytest.mark.gpu
@@ -177,3 +206,44 @@ def test_gpu_generated_calibration_is_one_seeded_batch(tmp_path):
     first = tok.encode("The history of")
     assert a[0, : len(first)].tolist() == first
     assert len({tuple(r) for r in a[:8].tolist()}) == 8  # sampled, not one greedy text per prompt
+
+
+def test_checkpoint_files_hold_the_tensors_as_they_were_at_the_call(tmp_path, monkeypatch):
+    """CPU tensors are copied at the call: changing them afterwards does not reach the files."""
+    from safetensors.torch import load_file
+
+    from trellm.quant.convert.job import _Checkpointer
+
+    states = torch.arange(12.0).view(3, 4)
+    ck = _Checkpointer()
+    ck.write({tmp_path / "s.safetensors": {"states": states}}, {"finished": 1}, tmp_path / "job.json")
+    states.zero_()
+    ck.wait()
+    assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["states"], torch.arange(12.0).view(3, 4))
+    assert json.loads((tmp_path / "job.json").read_text()) == {"finished": 1}
+
+
+@pytest.mark.gpu
+def test_gpu_checkpoint_copies_after_the_producing_work_and_keeps_the_memory(tmp_path, monkeypatch):
+    """GPU tensors are copied on a side stream: after the kernels that made them (a long matmul queued just
+    before), and their memory is not handed to new tensors (filled with other values at once) before the
+    copy ends — both into the pinned buffer (large) and pageable memory (small)."""
+    from safetensors.torch import load_file
+
+    from trellm.quant.convert import job as job_mod
+
+    monkeypatch.setattr(job_mod._Checkpointer, "PINNED_MIN_BYTES", 1 << 20)
+    ck = job_mod._Checkpointer()
+    for step in range(3):  # the pinned buffer is reused from the second call on
+        a = torch.randn(4096, 4096, device="cuda")
+        big = a @ a  # queued, still running when write() returns
+        small = big[:8, :8].clone()
+        expect_big, expect_small = big.clone(), small.clone()  # queued too: no synchronisation before write()
+        ck.write({tmp_path / "s.safetensors": {"states": big}, tmp_path / f"l{step}.safetensors": {"w": small}},
+                 {"finished": step}, tmp_path / "job.json")
+        del big, small
+        junk = [torch.full((4096, 4096), float(i), device="cuda") for i in range(4)]  # reuses freed blocks
+        ck.wait()
+        assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["states"], expect_big.cpu())
+        assert torch.equal(load_file(str(tmp_path / f"l{step}.safetensors"))["w"], expect_small.cpu())
+        del junk

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trellm.quant.convert.ldlq import block_ldl, ldlq, ldlq_direct, proxy_error
+from trellm.quant.convert.ldlq import block_ldl, hessian_energy, ldlq, ldlq_direct, proxy_error
 from trellm.quant.convert.quantize import quantize_linear
 from trellm.quant.exl3 import EXL3Linear
 
@@ -35,6 +35,12 @@ def test_ldlq_equals_the_literal_algorithm_and_beats_rounding():
     fast, slow = ldlq(w, l, quantize), ldlq_direct(w, h, quantize, used)
     torch.testing.assert_close(fast, slow)
     assert proxy_error(w, fast, h) < 0.8 * proxy_error(w, torch.round(w * 3) / 3, h)
+
+
+def test_hessian_energy_is_the_trace_without_the_n_by_n_product():
+    h = _hessian(48).double()
+    m = torch.randn(48, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert hessian_energy(m, h) == pytest.approx(float(torch.trace(m.T @ h @ m)), rel=1e-12)
 
 
 def test_singular_hessian_is_damped_and_zero_hessian_refused():

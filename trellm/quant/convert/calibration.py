@@ -40,15 +40,16 @@ GENERATE_MEMORY = 0.4  # of the free GPU memory their KV cache may take
 
 
 def generated_rows(model, tokenizer, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows the model writes itself: sampled continuations (temperature 1) of neutral prompts.
-
-    On a GPU the rows run as one continuous batch through the Generator (as many at once as the cache
-    memory allows, up to GENERATE_BATCH), sampled in one batched draw per step from the device's random
-    stream seeded from `generator` (per-row seeds would cost a draw per row and step). On the CPU, one
-    row at a time through the simple loop with a seed per row."""
+    """Rows the model writes itself: sampled continuations (temperature 1) of neutral prompts, each row
+    with its own seed drawn from `generator`. On a GPU the rows run as one continuous batch through the
+    Generator (as many at once as the cache memory allows, up to GENERATE_BATCH; rows with different
+    seeds still sample in one batched draw per step); on the CPU, one row at a time through the simple
+    loop. Each row's random draws come from its own seed, not from the rows beside it."""
     from trellm.engine.sampling import SamplingParams
 
     prompts = [tokenizer.encode(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)])[: cols - 1] for i in range(rows)]
+    sampling = [SamplingParams(temperature=1.0, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                for _ in range(rows)]
     if model.device.type == "cuda":
         from trellm.cache.paged import PagedKVCache
         from trellm.cache.pages import PAGE_SIZE
@@ -57,23 +58,15 @@ def generated_rows(model, tokenizer, rows: int, cols: int, generator: torch.Gene
         free, _ = torch.cuda.mem_get_info(model.device)
         fit = PagedKVCache.pages_for_memory(model.config, int(free * GENERATE_MEMORY), PAGE_SIZE, model.dtype)
         batch = max(1, min(rows, GENERATE_BATCH, fit * PAGE_SIZE // cols))
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
-            torch.cuda.manual_seed(seed)
-            engine = Generator(model, max_seq_len=cols, cache_tokens=batch * cols, max_seqs=batch)
-            outs = engine.generate([Job(p, max_new_tokens=cols - len(p), sampling=SamplingParams(temperature=1.0))
-                                    for p in prompts])
+        engine = Generator(model, max_seq_len=cols, cache_tokens=batch * cols, max_seqs=batch)
+        outs = engine.generate([Job(p, max_new_tokens=cols - len(p), sampling=s) for p, s in zip(prompts, sampling)])
         del engine  # its KV cache, before the converter needs the memory
         torch.cuda.empty_cache()
     else:
         from trellm.engine.generate import GenerationRequest, generate_tokens
 
-        outs = []
-        for p in prompts:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            request = GenerationRequest(p, max_new_tokens=cols - len(p),
-                                        sampling=SamplingParams(temperature=1.0, seed=seed))
-            outs.append(list(generate_tokens(model, request)))
+        outs = [list(generate_tokens(model, GenerationRequest(p, max_new_tokens=cols - len(p), sampling=s)))
+                for p, s in zip(prompts, sampling)]
     return torch.tensor([(p + o)[:cols] for p, o in zip(prompts, outs)])
 
 

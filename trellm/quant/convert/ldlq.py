@@ -98,7 +98,11 @@ def ldlq_direct(w: torch.Tensor, h: torch.Tensor, quantize_strip: Callable[[int,
 
 def proxy_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr(Eᵀ H E) / tr(Wᵀ H W): the share of the layer's output energy the quantization loses."""
-    e = (w - w_hat).double()
-    w = w.double()
-    h = h.double()
-    return float(torch.trace(e.T @ h @ e) / torch.trace(w.T @ h @ w))
+    w64, h64 = w.double(), h.double()
+    return hessian_energy(w64 - w_hat.double(), h64) / hessian_energy(w64, h64)
+
+
+def hessian_energy(m: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(Mᵀ H M) for M [k, n], as Σ (H M) ⊙ M: never forms the n × n product (a 128k-row head's
+    would be 122 GiB in float64)."""
+    return float(((h @ m) * m).sum())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trellm.quant import exl3_format as fmt
-from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq_steps
+from trellm.quant.convert.ldlq import STRIP, block_ldl, hessian_energy, ldlq_steps
 from trellm.quant.convert.viterbi import decode_states, trellis_search
 from trellm.quant.exl3 import round_up
 
@@ -184,7 +184,7 @@ def _finish(plan: _Plan, wr_hat: torch.Tensor, codebook: str) -> QuantizedLinear
     w_hat = _had_both(wr_hat / scale) * suh.float()[:, None] * svh.float()[None, :]
     e = (w[:k, :n] - w_hat[:k, :n]).double()
     w64, h64 = w[:k, :n].double(), plan.job.hessian.double()
-    proxy = float(torch.trace(e.T @ h64 @ e) / torch.trace(w64.T @ h64 @ w64))
+    proxy = hessian_energy(e, h64) / hessian_energy(w64, h64)
     return QuantizedLinear(trellis=plan.trellis, suh=suh, svh=svh, bits=plan.job.bits, codebook=codebook,
                            proxy_error=proxy, damping=plan.damping)
 
