@@ -85,7 +85,7 @@ class _Display:
             return
         done = info["layer"] + 1
         self.layer_seconds.append(info["seconds"])
-        remaining = sum(self.layer_seconds) / len(self.layer_seconds) * (n - done)  # the head: about one layer
+        remaining = sum(self.layer_seconds) / len(self.layer_seconds) * (n - done)  # this run's layers only
         proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
         stages = "".join(f", {k} {v:.1f}" for k, v in info.get("stages", {}).items())

@@ -61,16 +61,20 @@ def _codebook_lut_np(codebook: str) -> np.ndarray:
 
 def codebook_lut(codebook: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Value of every 16-bit state: fp16 [65536]. Shared per device: read it, never write it."""
-    return _device_copy(("lut", codebook), torch.device(device))
+    return _lut_on(codebook, torch.device(device))
+
+
+# The tables are cached per device: copying one from host memory on every call stalled the converter's
+# GPU loop ~15 times per LDLQ step (a pageable copy waits for the stream).
+@functools.lru_cache(maxsize=None)
+def _lut_on(codebook: str, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(_codebook_lut_np(codebook).copy()).to(device)
 
 
 @functools.lru_cache(maxsize=None)
-def _device_copy(key: tuple[str, str], device: torch.device) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """One copy per device of a constant table. Copying it from host memory on every call stalled the
-    converter's GPU loop ~15 times per LDLQ step (a pageable copy waits for the stream)."""
-    if key[0] == "lut":
-        return torch.from_numpy(_codebook_lut_np(key[1]).copy()).to(device)
-    return tuple(torch.from_numpy(a).to(device) for a in _tile_order())
+def _tile_order_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    row, col = _tile_order()
+    return torch.from_numpy(row).to(device), torch.from_numpy(col).to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +88,7 @@ def _tile_order() -> tuple[np.ndarray, np.ndarray]:
 
 def tile_order(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(row, col) inside the 16×16 tile of each sequence position p = 0..255 (§3); shared, read-only."""
-    return _device_copy(("tile_order", ""), torch.device(device))
+    return _tile_order_on(torch.device(device))
 
 
 def bits_per_weight(trellis_last_dim: int) -> float:
