@@ -27,8 +27,10 @@ $(BIN)/python:
 		$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q "$(TORCH)"; \
 	fi
 
-# Offline machines cannot fetch a build backend: build in place when setuptools is already there.
-PIP_EDITABLE = $(BIN)/python -m pip install -q $$($(BIN)/python -c "import setuptools" >/dev/null 2>&1 && echo --no-build-isolation) -e
+# Offline machines cannot fetch a build backend: build in place when the venv's setuptools can build wheels
+# (setuptools >= 70.1, or an older one beside the wheel package; a venv's bundled 65.5 alone cannot).
+CAN_BUILD = import importlib.util as u, sys; sys.exit(not (u.find_spec("wheel") or u.find_spec("setuptools.command.bdist_wheel")))
+PIP_EDITABLE = $(BIN)/python -m pip install -q $$($(BIN)/python -c '$(CAN_BUILD)' >/dev/null 2>&1 && echo --no-build-isolation) -e
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(PIP_EDITABLE) ".[gguf]"
