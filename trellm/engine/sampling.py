@@ -27,6 +27,7 @@ seeded results are comparable across tools.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams | Sequence[Sampli
             if p.xtc_probability <= 0:
                 continue
             g = generators[i] if generators is not None else None
-            if torch.rand(1, generator=g, device=g.device if g is not None else "cpu").item() >= p.xtc_probability:
+            if torch.rand(1, generator=g).item() >= p.xtc_probability:
                 continue
             above = probs[i] >= p.xtc_threshold
             if int(above.sum()) >= 2:
@@ -300,10 +301,15 @@ def _row_keys(generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     return keys
 
 
+@functools.lru_cache(maxsize=8)
+def _token_offsets(vocab: int, device: torch.device) -> torch.Tensor:
+    """(v + 1)·golden for every token v: the per-token half of the hash input, the same every step."""
+    return torch.arange(1, vocab + 1, device=device, dtype=torch.int64) * _GOLDEN
+
+
 def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Token ids [B] drawn from softmax(logits [B, V]) (-inf = excluded) with noise from keys [B] int64."""
-    v = torch.arange(1, logits.shape[-1] + 1, device=logits.device, dtype=torch.int64)
-    h = _mix64(keys.to(logits.device)[:, None] + v[None, :] * _GOLDEN)
+    h = _mix64(keys.to(logits.device)[:, None] + _token_offsets(logits.shape[-1], logits.device)[None, :])
     u = (_shr(h, 40).float() + 0.5) * 2.0**-24  # 24 uniform bits in (0, 1): exact in float32
     return (logits.float() - torch.log(-torch.log(u))).argmax(dim=-1)
 

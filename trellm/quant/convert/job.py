@@ -395,15 +395,11 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             last_wait = time.perf_counter() - t4
             if progress:
                 progress({**stats, "num_layers": cfg.num_layers, "elapsed": time.perf_counter() - t_start})
-    except KeyboardInterrupt:
-        # Ctrl-C keeps every finished layer; the interrupted layer's partial work is dropped.
-        checkpoint.wait(quiet=True)
-        if finished[2]:
-            save()
-            checkpoint.wait(quiet=True)
-        raise
-    except BaseException:
+    except BaseException as stop:
         checkpoint.wait(quiet=True)  # a crash leaves the last checkpoint on disk
+        if isinstance(stop, KeyboardInterrupt) and finished[2]:
+            save()  # Ctrl-C keeps every finished layer; the interrupted layer's partial work is dropped
+            checkpoint.wait(quiet=True)
         raise
     checkpoint.wait()
     head_file = work / "head.safetensors"

@@ -98,8 +98,8 @@ def ldlq_direct(w: torch.Tensor, h: torch.Tensor, quantize_strip: Callable[[int,
 
 def proxy_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """tr(Eᵀ H E) / tr(Wᵀ H W): the share of the layer's output energy the quantization loses."""
-    w64, h64 = w.double(), h.double()
-    return hessian_energy(w64 - w_hat.double(), h64) / hessian_energy(w64, h64)
+    h64 = h.double()
+    return hessian_energy((w - w_hat).double(), h64) / hessian_energy(w.double(), h64)
 
 
 def hessian_energy(m: torch.Tensor, h: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from trellm.quant import exl3_format as fmt
-from trellm.quant.convert.ldlq import STRIP, block_ldl, hessian_energy, ldlq_steps
+from trellm.quant.convert.ldlq import STRIP, block_ldl, ldlq_steps, proxy_error
 from trellm.quant.convert.viterbi import decode_states, trellis_search
 from trellm.quant.exl3 import round_up
 
@@ -182,11 +182,8 @@ def _finish(plan: _Plan, wr_hat: torch.Tensor, codebook: str) -> QuantizedLinear
     # (unpadded) rows and columns: padded output columns soak up part of the rotated error but are
     # thrown away by every reader.
     w_hat = _had_both(wr_hat / scale) * suh.float()[:, None] * svh.float()[None, :]
-    e = (w[:k, :n] - w_hat[:k, :n]).double()
-    w64, h64 = w[:k, :n].double(), plan.job.hessian.double()
-    proxy = hessian_energy(e, h64) / hessian_energy(w64, h64)
     return QuantizedLinear(trellis=plan.trellis, suh=suh, svh=svh, bits=plan.job.bits, codebook=codebook,
-                           proxy_error=proxy, damping=plan.damping)
+                           proxy_error=proxy_error(w[:k, :n], w_hat[:k, :n], plan.job.hessian), damping=plan.damping)
 
 
 def quantize_linears(jobs: Sequence[LinearJob], *, codebook: str = "mul1", damping: float = 0.025,
