@@ -141,10 +141,16 @@ class DecoderModel(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, T] -> [B, T, hidden] in the model's dtype, or computed in `dtype` (the converter's float32)."""
         h = nn.functional.embedding(input_ids, self.embed_weight)  # [B, T, hidden]
+        if dtype is not None and dtype != h.dtype:
+            h = h.to(dtype)
+            scale = torch.tensor(self.config.hidden_size**0.5, dtype=dtype, device=h.device)
+        else:
+            scale = self.embed_scale
         if self.spec.scale_embeddings:
-            h = h * self.embed_scale
+            h = h * scale
         return h
 
     @torch.no_grad()

@@ -247,3 +247,38 @@ def test_gpu_checkpoint_copies_after_the_producing_work_and_keeps_the_memory(tmp
         assert torch.equal(load_file(str(tmp_path / "s.safetensors"))["states"], expect_big.cpu())
         assert torch.equal(load_file(str(tmp_path / f"l{step}.safetensors"))["w"], expect_small.cpu())
         del junk
+
+
+
+def test_holding_the_model_in_16_bits_changes_nothing(tmp_path):
+    """On a GPU the converter holds the model in its checkpoint's 16-bit dtype and turns each layer to
+    float32 in its turn (an 8B model held in float32 did not fit an 80 GB card beside its calibration
+    states). For a bf16 checkpoint that is exact: embeddings, layer outputs and Hessian inputs equal those
+    of a model loaded in float32."""
+    import transformers
+
+    from trellm.models.loader import load_model
+    from trellm.quant.convert.job import _holding_dtype, _layer_forward
+
+    src = _tiny(tmp_path)
+    transformers.LlamaForCausalLM.from_pretrained(src).to(torch.bfloat16).save_pretrained(src)
+    raw = json.loads((src / "config.json").read_text())
+    assert _holding_dtype(raw, "cuda") == "bfloat16" and _holding_dtype(raw, "cpu") == "float32"
+    assert _holding_dtype({"torch_dtype": "float32"}, "cuda") == "float32"
+    ids = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for held in ("float32", "bfloat16"):
+        model = load_model(src, device="cpu", dtype=held, fuse=False)
+        states = model.embed(ids, dtype=torch.float32)
+        model.layers[0].float()
+        seen = []
+        out, _ = _layer_forward(model, 0, states, 2, {"model.layers.0.mlp.down_proj": seen.append})
+        runs.append((states, out, torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])))
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    # Comparing against the reference pass overwrites it in place and measures the difference.
+    model.layers[0].mlp.down_proj.impl.weight.mul_(1.01)
+    ref = runs[1][1].clone()
+    out, err = _layer_forward(model, 0, runs[1][0], 2, into=ref)
+    assert out is ref and not torch.equal(out, runs[1][1])
+    assert err == pytest.approx(float((out - runs[1][1]).norm() / runs[1][1].norm()), rel=1e-6) and err > 0

@@ -214,8 +214,13 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
 
 
 def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: int,
-                   hooks: dict[str, Callable[[torch.Tensor], None]] | None = None) -> torch.Tensor:
-    """Run calibration states [R, C, hidden] through layer idx (in row batches); hooks see each linear's input."""
+                   hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
+                   into: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
+    """Run calibration states [R, C, hidden] through layer idx (in row batches); hooks see each linear's input.
+
+    Returns (outputs, None), or with `into` = an earlier pass's outputs: those are compared with this pass's
+    and overwritten by them, returning (into, relative Frobenius error). Writing over the reference keeps
+    two state-sized buffers alive instead of three (8.4 GB each for an 8B model's 250 × 2048 rows)."""
     layer = model.layers[idx]
     handles = []
     for lin in _layer_linears(layer):
@@ -223,9 +228,11 @@ def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: i
             fn = hooks[lin.name]
             handles.append(lin.register_forward_pre_hook(lambda mod, args, fn=fn: fn(args[0])))
     rows, cols, _ = states.shape
-    out = torch.empty_like(states)
+    out = torch.empty_like(states) if into is None else into
     positions = torch.arange(cols, device=states.device)[None]
     rotary = model.rotary[layer.layer_type]
+    diff_sq = torch.zeros((), dtype=torch.float64, device=states.device)
+    ref_sq = torch.zeros((), dtype=torch.float64, device=states.device)
     try:
         with torch.no_grad():
             for r0 in range(0, rows, batch):
@@ -233,11 +240,18 @@ def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: i
                 cache = ContiguousKVCache(model.config, batch_size=h.shape[0], max_len=cols, device=h.device,
                                           dtype=h.dtype)
                 cos, sin = rotary.cos_sin(positions.expand(h.shape[0], -1), cols, h.dtype)
-                out[r0 : r0 + batch] = layer(h, cos, sin, cache.step(cols))
+                y = layer(h, cos, sin, cache.step(cols))
+                if into is not None:
+                    ref = into[r0 : r0 + batch]
+                    diff_sq += (y - ref).double().square().sum()
+                    ref_sq += ref.double().square().sum()
+                out[r0 : r0 + batch] = y
     finally:
         for hd in handles:
             hd.remove()
-    return out
+    if into is None:
+        return out, None
+    return out, float(diff_sq.sqrt() / ref_sq.sqrt().clamp_min(1e-30))
 
 
 class _Hessian:
@@ -254,6 +268,13 @@ class _Hessian:
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
+
+
+def _holding_dtype(raw_config: dict[str, Any], device: str | None) -> str:
+    """The dtype the model waits in: its checkpoint's 16-bit dtype on a GPU, else float32 (the default)."""
+    stored = raw_config.get("torch_dtype") or raw_config.get("dtype")
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    return stored if stored in ("float16", "bfloat16") and not on_cpu else "float32"
 
 
 def _install(lin: Linear, q, device: torch.device) -> dict[str, torch.Tensor]:
@@ -306,7 +327,9 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
         _atomic_json(state, job_file)  # the folder is this job's from now on, checkpoint or not
 
     t_start = time.perf_counter()
-    model = load_model(src, device=device, dtype="float32", fuse=False)  # hooks and installs per linear
+    # The model is held in its checkpoint's 16-bit dtype on a GPU (float32 on a CPU); each layer turns
+    # float32 when its turn comes, and the calibration states are float32 throughout.
+    model = load_model(src, device=device, dtype=_holding_dtype(raw_config, device), fuse=False)
     dev = model.device
     cfg = model.config
     slots = _slots(model)
@@ -330,7 +353,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
         log.info("resuming after layer %d of %d", done, cfg.num_layers)
     else:
         with torch.no_grad():
-            states = model.embed(ids.to(dev))  # [R, C, hidden]
+            states = model.embed(ids.to(dev), dtype=torch.float32)  # [R, C, hidden]
     if progress:
         progress({"layer": "setup", "num_layers": cfg.num_layers, "resumed_after": done,
                   "stages": {"load": round(t_loaded - t_start, 2), "calibration": round(t_calibrated - t_loaded, 2),
@@ -366,8 +389,9 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                 if key not in hessians:
                     hessians[key] = _Hessian(lin.in_features, dev)
                     hooks[lin.name] = hessians[key].add
+            layer.float()  # the model waits in its 16-bit dtype (an 8B model in float32 takes 32 GB)
             with _matmul_tf32(args.tf32):
-                reference = _layer_forward(model, idx, states, batch, hooks)
+                reference, _ = _layer_forward(model, idx, states, batch, hooks)
             t1 = time.perf_counter()
             tensors: dict[str, torch.Tensor] = {}
             proxies = {}
@@ -379,8 +403,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             del jobs
             t2 = time.perf_counter()
             with _matmul_tf32(args.tf32):
-                states = _layer_forward(model, idx, states, batch)
-            err = float((states - reference).norm() / reference.norm().clamp_min(1e-30))
+                states, err = _layer_forward(model, idx, states, batch, into=reference)
             t3 = time.perf_counter()
             stats = {"layer": idx, "bits": {n.rsplit(".", 1)[1]: bits[n] for n in (lin.name for lin in linears)},
                      "proxy": proxies, "rel_error": err, "seconds": round(t3 - t0, 2),
@@ -405,10 +428,11 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     head_file = work / "head.safetensors"
     if not head_file.exists():
         hessian = _Hessian(cfg.hidden_size, dev)
+        model.norm.float()
         with torch.no_grad(), _matmul_tf32(args.tf32):
             for r0 in range(0, states.shape[0], batch):
                 hessian.add(model.norm(states[r0 : r0 + batch]))
-        q = quantize_linear(model.lm_head.impl.dense_weight(), hessian.mean(), int(args.head_bits),
+        q = quantize_linear(model.lm_head.impl.dense_weight().float(), hessian.mean(), int(args.head_bits),
                             codebook=args.codebook, seed=_seed(args.seed, cfg.num_layers, 0))
         _atomic_save(linear_tensors("lm_head", q.trellis, q.suh, q.svh, q.codebook), head_file)
         state["head"] = {"bits": int(args.head_bits), "proxy": q.proxy_error}
