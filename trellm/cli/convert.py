@@ -22,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-hb", "--head-bits", type=int, default=6, help="bits per weight of the lm_head (default 6)")
     p.add_argument("--codebook", choices=("mul1", "mcg", "3inst"), default="mul1",
                    help="trellis codebook (default mul1, what current EXL3 readers expect)")
+    p.add_argument("--channel-scales", choices=("both", "columns", "none"), default="both",
+                   help="per-channel scales folded into suh/svh before the trellis search: both = every input "
+                        "and output channel to equal RMS (default); columns = output channels by the square "
+                        "root of their RMS only (a lower Hessian-weighted error on SmolLM2's attention "
+                        "projections, not yet the default: its KL-divergence is unmeasured); none")
     p.add_argument("--calibration", help="text file to calibrate on (default: text the model generates itself, "
                                          "plus random-token rows)")
     p.add_argument("--rows", type=int, default=250, help="calibration rows (default 250)")
@@ -102,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     job = ConvertArgs(input=args.input, output=args.output, workdir=args.workdir, bpw=args.bpw,
                       head_bits=args.head_bits, codebook=args.codebook, calibration=args.calibration,
-                      rows=args.rows, cols=args.cols, seed=args.seed, tf32=args.tf32)
+                      rows=args.rows, cols=args.cols, seed=args.seed, tf32=args.tf32,
+                      channel_scales=args.channel_scales)
     with _Display() as display:
         out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
                       progress=display, checkpoint_interval=args.checkpoint_interval)

@@ -116,6 +116,8 @@ def test_refuses_a_workdir_from_another_job(tmp_path, two_layers):
     other = _args(src, tmp_path, "a", bpw=5, head_bits=5)
     with pytest.raises(ConvertError, match="different arguments.*bpw"):
         convert(other, resume=True)
+    with pytest.raises(ConvertError, match=r"different arguments \(channel_scales\)"):
+        convert(_args(src, tmp_path, "a", head_bits=5, channel_scales="columns"), resume=True)
     job = tmp_path / "work-a" / "job.json"  # a job an older converter left (its layers differ from ours)
     job.write_text(job.read_text().replace('"version": 2', '"version": 1'))
     with pytest.raises(ConvertError, match="converter version 1.*new work folder"):
@@ -127,6 +129,7 @@ def test_refuses_a_workdir_from_another_job(tmp_path, two_layers):
     ({"bpw": 9}, ConfigError, "between 1 and 8"),
     ({"head_bits": 0}, ConfigError, "head bits"),
     ({"codebook": "nope"}, ConfigError, "codebook"),
+    ({"channel_scales": "rows"}, ConfigError, "channel scales"),
 ])
 def test_bad_arguments(tmp_path, change, error, words):
     with pytest.raises(error, match=words):
@@ -159,7 +162,7 @@ def test_cli_help_documents_every_flag(capsys):
         main(["convert", "-h"])
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--workdir", "--bpw", "--head-bits", "--codebook", "--calibration",
-                 "--rows", "--cols", "--device", "--resume", "--no-tf32", "--checkpoint-interval"):
+                 "--rows", "--cols", "--device", "--resume", "--no-tf32", "--checkpoint-interval", "--channel-scales"):
         assert flag in text
 
 

@@ -84,6 +84,14 @@ def test_channel_scales_equalise_rows_and_columns_and_keep_padding_at_one():
         assert spread(w[:-7, :-5].pow(2).mean(dim).sqrt()) > 5
         assert spread(wt[:-7, :-5].pow(2).mean(dim).sqrt()) < 1.6
     torch.testing.assert_close(wt * d[:, None] * c[None, :], w)
+    # columns: no row scales, each column by the square root of its RMS (padding still 1); none: all 1.
+    d, c = channel_scales(w, "columns")
+    assert (d == 1).all() and (c[-5:] == 1).all()
+    torch.testing.assert_close(c[:-5], w[:, :-5].pow(2).mean(0).sqrt().sqrt())
+    d, c = channel_scales(w, "none")
+    assert (d == 1).all() and (c == 1).all()
+    with pytest.raises(ValueError, match="channel scales must be one of"):
+        channel_scales(w, "rows")
 
 
 @pytest.mark.slow
@@ -93,9 +101,10 @@ def test_channel_scales_lower_the_error_of_uneven_weights():
     h = _hessian(k, seed=7)
     rows, cols = torch.rand(n, 1, generator=g) * 3 + 0.2, torch.rand(1, k, generator=g) * 2 + 0.3  # uneven norms
     w = torch.randn(n, k, generator=g) * rows * cols
-    plain = quantize_linear(w, h, 2, seed=1, scale_channels=False).proxy_error
+    plain = quantize_linear(w, h, 2, seed=1, channel_scales="none").proxy_error
     scaled = quantize_linear(w, h, 2, seed=1).proxy_error
-    assert scaled < 0.95 * plain, (scaled, plain)
+    columns = quantize_linear(w, h, 2, seed=1, channel_scales="columns").proxy_error
+    assert scaled < 0.95 * plain and columns < 0.95 * plain, (scaled, columns, plain)
 
 
 def test_quantize_linears_together_equals_one_by_one():

@@ -45,7 +45,7 @@ from trellm.models.loader import load_model
 from trellm.quant import exl3_format as fmt
 from trellm.quant.convert.bits import LinearSlot, allocate_bits, average_bits
 from trellm.quant.convert.calibration import calibration_rows
-from trellm.quant.convert.quantize import LinearJob, quantize_linear, quantize_linears
+from trellm.quant.convert.quantize import CHANNEL_SCALES, LinearJob, quantize_linear, quantize_linears
 from trellm.quant.exl3 import EXL3Linear, round_up
 from trellm.quant.exl3_writer import WRITER_VERSION, linear_tensors
 
@@ -74,6 +74,7 @@ class ConvertArgs:
     seed: int = 0
     shard_bytes: int = 8 * 2**30
     tf32: bool = True  # calibration forwards and Hessians on TF32 tensor cores (GPU)
+    channel_scales: str = "both"  # quantize.channel_scales
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.bpw) <= 8.0:
@@ -82,6 +83,9 @@ class ConvertArgs:
             raise ConfigError(f"head bits must be 1..8, got {self.head_bits}")
         if self.codebook not in fmt.CODEBOOKS:
             raise ConfigError(f"unknown codebook {self.codebook!r}; choose one of {', '.join(fmt.CODEBOOKS)}")
+        if self.channel_scales not in CHANNEL_SCALES:
+            raise ConfigError(f"unknown channel scales {self.channel_scales!r}; choose one of "
+                              f"{', '.join(CHANNEL_SCALES)}")
         if self.rows < 1 or self.cols < 2:
             raise ConfigError(f"calibration needs rows >= 1 and cols >= 2, got {self.rows} × {self.cols}")
 
@@ -91,6 +95,8 @@ class ConvertArgs:
         d.pop("output")
         d.pop("workdir")
         d["input"] = str(Path(self.input).resolve())
+        if d["channel_scales"] == "both":
+            del d["channel_scales"]  # the only choice before the option existed: older jobs still resume
         if self.calibration:
             d["calibration_sha256"] = hashlib.sha256(Path(self.calibration).read_bytes()).hexdigest()
         return d
@@ -397,10 +403,11 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             proxies = {}
             jobs = [LinearJob(lin.impl.dense_weight(), hessians[shared[lin.name]].mean(), bits[lin.name],
                               _seed(args.seed, idx, j)) for j, lin in enumerate(linears)]
-            for lin, q in zip(linears, quantize_linears(jobs, codebook=args.codebook)):
+            quantized = quantize_linears(jobs, codebook=args.codebook, channel_scales=args.channel_scales)
+            for lin, q in zip(linears, quantized):
                 proxies[lin.name.rsplit(".", 1)[1]] = q.proxy_error
                 tensors |= _install(lin, q, dev)
-            del jobs
+            del jobs, quantized
             t2 = time.perf_counter()
             with _matmul_tf32(args.tf32):
                 states, err = _layer_forward(model, idx, states, batch, into=reference)
@@ -433,7 +440,8 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             for r0 in range(0, states.shape[0], batch):
                 hessian.add(model.norm(states[r0 : r0 + batch]))
         q = quantize_linear(model.lm_head.impl.dense_weight().float(), hessian.mean(), int(args.head_bits),
-                            codebook=args.codebook, seed=_seed(args.seed, cfg.num_layers, 0))
+                            codebook=args.codebook, seed=_seed(args.seed, cfg.num_layers, 0),
+                            channel_scales=args.channel_scales)
         _atomic_save(linear_tensors("lm_head", q.trellis, q.suh, q.svh, q.codebook), head_file)
         state["head"] = {"bits": int(args.head_bits), "proxy": q.proxy_error}
         _atomic_json(state, job_file)
@@ -476,7 +484,8 @@ def _write_output(args: ConvertArgs, src: Path, out: Path, work: Path, raw_confi
             writer.add(name, t)
         writer.finish()
         write_json(tmp / "config.json", config)
-        write_json(tmp / "quantization_config.json", {**qc, "layers": state.get("layer_stats", []),
+        write_json(tmp / "quantization_config.json", {**qc, "channel_scales": args.channel_scales,
+                                                      "layers": state.get("layer_stats", []),
                                                       "head": state.get("head")})
         for name in COPIED_FILES:
             if (src / name).exists():
