@@ -22,11 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-hb", "--head-bits", type=int, default=6, help="bits per weight of the lm_head (default 6)")
     p.add_argument("--codebook", choices=("mul1", "mcg", "3inst"), default="mul1",
                    help="trellis codebook (default mul1, what current EXL3 readers expect)")
-    p.add_argument("--channel-scales", choices=("both", "columns", "none"), default="both",
+    p.add_argument("--channel-scales", choices=("both", "columns", "none", "best"), default="both",
                    help="per-channel scales folded into suh/svh before the trellis search: both = every input "
                         "and output channel to equal RMS (default); columns = output channels by the square "
-                        "root of their RMS only (a lower Hessian-weighted error on SmolLM2's attention "
-                        "projections, not yet the default: its KL-divergence is unmeasured); none")
+                        "root of their RMS only (lower Hessian-weighted error on some of SmolLM2's linears, "
+                        "higher on others; KL not yet measured); none; best = each linear both ways, keeping "
+                        "the lower error (twice the quantize time)")
     p.add_argument("--calibration", help="text file to calibrate on (default: text the model generates itself, "
                                          "plus random-token rows)")
     p.add_argument("--rows", type=int, default=250, help="calibration rows (default 250)")

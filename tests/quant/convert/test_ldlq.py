@@ -107,6 +107,26 @@ def test_channel_scales_lower_the_error_of_uneven_weights():
     assert scaled < 0.95 * plain and columns < 0.95 * plain, (scaled, columns, plain)
 
 
+def test_best_channel_scales_keep_the_lower_error_of_each_linear():
+    """'best' quantizes every linear with both kinds of scales and keeps, per linear, the result with the
+    lower proxy error: exactly that result, trellis and all."""
+    from trellm.quant.convert.quantize import LinearJob, quantize_linears
+
+    g = torch.Generator().manual_seed(8)
+    jobs = []
+    for n, k, spread in [(128, 128, 6.0), (128, 128, 1.0)]:  # uneven columns, then even ones
+        w = torch.randn(n, k, generator=g) * torch.linspace(1, spread, n)[:, None]
+        jobs.append(LinearJob(w, _hessian(k, seed=n + int(spread)), 2, seed=3))
+    tries = {mode: quantize_linears(jobs, channel_scales=mode) for mode in ("both", "columns", "best")}
+    chosen = set()
+    for i, best in enumerate(tries["best"]):
+        pick = min((tries["both"][i], tries["columns"][i]), key=lambda q: q.proxy_error)
+        chosen.add("both" if pick is tries["both"][i] else "columns")
+        assert best.proxy_error == pick.proxy_error and torch.equal(best.trellis, pick.trellis)
+        assert torch.equal(best.svh, pick.svh)
+    assert chosen == {"both", "columns"}  # these two linears go different ways: both branches are taken
+
+
 def test_quantize_linears_together_equals_one_by_one():
     """A layer's linears quantized together (shared trellis searches, mixed bit widths and sizes) give
     exactly what each gives alone."""

@@ -114,7 +114,7 @@ def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Ge
     return _choose_scales([_scale_samples(wr, generator)], [_rms(wr)], bits, codebook)[0]
 
 
-CHANNEL_SCALES = ("both", "columns", "none")
+CHANNEL_SCALES = ("both", "columns", "none", "best")
 
 
 def channel_scales(w: torch.Tensor, mode: str = "both") -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +126,12 @@ def channel_scales(w: torch.Tensor, mode: str = "both") -> tuple[torch.Tensor, t
     global scale follows the largest columns of w̃, and √RMS balances the two. On SmolLM2 (CPU, torch
     Viterbi) it lowered the Hessian-weighted proxy error of attention projections by 14–37 % at K = 6 and
     22 % at K = 2 against `both`, whose row scales were the larger part of the loss (RESULTS.md); its
-    KL-divergence is not measured yet, so `both` stays the default. none: no scales.
+    KL-divergence is not measured yet, so `both` stays the default. none: no scales. best (handled by
+    quantize_linears): each linear quantized with `both` and with `columns`, keeping the lower proxy error.
     All-zero rows or columns (padding) keep scale 1. Powers of two would be exact in fp16; these are
     rounded there with suh/svh, and the error report uses the rounded values."""
-    if mode not in CHANNEL_SCALES:
-        raise ValueError(f"channel scales must be one of {', '.join(CHANNEL_SCALES)}, got {mode!r}")
+    if mode not in CHANNEL_SCALES or mode == "best":
+        raise ValueError(f"channel scales must be one of {', '.join(CHANNEL_SCALES[:3])}, got {mode!r}")
     ones_d = torch.ones(w.shape[0], device=w.device)
     if mode == "none":
         return ones_d, torch.ones(w.shape[1], device=w.device)
@@ -209,6 +210,10 @@ def quantize_linears(jobs: Sequence[LinearJob], *, codebook: str = "mul1", dampi
     LDLQ strips advance together and every step's tiles of one bit width go through one trellis search:
     a GPU launch then holds thousands of tiles instead of one strip's few dozen (the strips of one
     linear are sequential, so a lone small linear leaves most of the GPU idle)."""
+    if channel_scales == "best":  # twice the work: each linear keeps whichever has the lower proxy error
+        tries = [quantize_linears(jobs, codebook=codebook, damping=damping, channel_scales=mode)
+                 for mode in ("both", "columns")]
+        return [min(pair, key=lambda q: q.proxy_error) for pair in zip(*tries)]
     plans = [_prepare(job, damping, channel_scales) for job in jobs]
     for bits in sorted({p.job.bits for p in plans}):
         group = [p for p in plans if p.job.bits == bits]
