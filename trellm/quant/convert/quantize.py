@@ -121,13 +121,14 @@ def channel_scales(w: torch.Tensor, mode: str = "both") -> tuple[torch.Tensor, t
     """Per-input (d, rows) and per-output (c, columns) scales with w = diag(d)·w̃·diag(c); w̃ is quantized.
 
     both: every row and column of w̃ of RMS ~1 (the columns' RMS first, then the rows' RMS of the
-    column-scaled matrix). columns: d = 1 and c = the square root of each column's RMS — with a trellis
-    error of about the same size on every entry of w̃, a column's error in w grows with c while the
-    global scale follows the largest columns of w̃, and √RMS balances the two. On SmolLM2 (CPU, torch
-    Viterbi) it lowered the Hessian-weighted proxy error of attention projections by 14–37 % at K = 6 and
-    22 % at K = 2 against `both`, whose row scales were the larger part of the loss (RESULTS.md); its
-    KL-divergence is not measured yet, so `both` stays the default. none: no scales. best (handled by
-    quantize_linears): each linear quantized with `both` and with `columns`, keeping the lower proxy error.
+    column-scaled matrix). columns: d = 1 and c = the square root of each column's RMS. The trellis puts an
+    error of about the same size on every entry of w̃, so a column's error in w grows with its c, while the
+    global scale must cover w̃'s largest columns: √RMS balances the two. On SmolLM2 (CPU, torch Viterbi)
+    `columns` lowered the Hessian-weighted proxy error against `both` by 14–56 % on five of six attention
+    projections tried at K = 2, 4, 6 and raised it 6 % on the sixth; `both`'s row scales were the costly
+    part (RESULTS.md). Its KL-divergence is not measured yet, so `both` stays the default.
+    none: no scales. best (handled by quantize_linears): each linear quantized with `both` and with
+    `columns`, keeping the one with the lower proxy error.
     All-zero rows or columns (padding) keep scale 1. Powers of two would be exact in fp16; these are
     rounded there with suh/svh, and the error report uses the rounded values."""
     if mode not in CHANNEL_SCALES or mode == "best":
