@@ -182,8 +182,8 @@ def _prepare(job: LinearJob, damping: float, scales: str) -> _Plan:
         h[k:, k:] = torch.eye(kp - k, dtype=torch.float64, device=dev) * torch.diagonal(h[:k, :k]).mean()
     su, sv = _signs(kp, g).to(dev), _signs(np_, g).to(dev)
     d, c = channel_scales(w, scales)
-    # w = diag(d)·w̃·diag(c): quantize w̃, whose rows and columns have equal RMS, against the Hessian of
-    # its own input x ⊙ d; d and c fold into suh and svh.
+    # w = diag(d)·w̃·diag(c): quantize w̃ against the Hessian of its own input x ⊙ d; d and c fold into
+    # suh and svh.
     su, sv = su * d, sv * c
     wr = _had_both(w / su[:, None] / sv[None, :])  # rotated weights: close to i.i.d. Gaussian
     hr = _had_both((h * su.double()[:, None] * su.double()[None, :]))  # Hk·S·H·S·Hk
