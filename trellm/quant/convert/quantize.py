@@ -114,7 +114,8 @@ def choose_scale(wr: torch.Tensor, bits: int, codebook: str, generator: torch.Ge
     return _choose_scales([_scale_samples(wr, generator)], [_rms(wr)], bits, codebook)[0]
 
 
-CHANNEL_SCALES = ("both", "columns", "none", "best")
+SCALE_MODES = ("both", "columns", "none")  # what channel_scales computes
+CHANNEL_SCALES = (*SCALE_MODES, "best")  # what quantize_linears accepts ("best" tries two modes)
 
 
 def channel_scales(w: torch.Tensor, mode: str = "both") -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +132,8 @@ def channel_scales(w: torch.Tensor, mode: str = "both") -> tuple[torch.Tensor, t
     `columns`, keeping the one with the lower proxy error.
     All-zero rows or columns (padding) keep scale 1. Powers of two would be exact in fp16; these are
     rounded there with suh/svh, and the error report uses the rounded values."""
-    if mode not in CHANNEL_SCALES or mode == "best":
-        raise ValueError(f"channel scales must be one of {', '.join(CHANNEL_SCALES[:3])}, got {mode!r}")
+    if mode not in SCALE_MODES:
+        raise ValueError(f"channel scales must be one of {', '.join(SCALE_MODES)}, got {mode!r}")
     ones_d = torch.ones(w.shape[0], device=w.device)
     if mode == "none":
         return ones_d, torch.ones(w.shape[1], device=w.device)
