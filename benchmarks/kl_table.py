@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--head-bits", type=int, default=6)
     ap.add_argument("--codebook", default="mul1")
     ap.add_argument("--channel-scales", default="both")
+    ap.add_argument("--allocation", default="measured", choices=("measured", "heuristic"))
     ap.add_argument("--rows", type=int, default=120)
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--window", type=int, default=2048)
@@ -58,7 +59,7 @@ def main() -> None:
         t0 = time.perf_counter()
         convert(ConvertArgs(args.model, str(out), str(job), bpw, head_bits=args.head_bits, codebook=args.codebook,
                             calibration=args.calibration, rows=args.rows, cols=args.cols,
-                            channel_scales=args.channel_scales), device=args.device)
+                            channel_scales=args.channel_scales, allocation=args.allocation), device=args.device)
         seconds = time.perf_counter() - t0
         result = evaluate(load_model(out, device=args.device, dtype="float32"), windows, reference)
         rows.append({"bpw": bpw, "convert_s": round(seconds, 1), **dataclasses.asdict(result)})

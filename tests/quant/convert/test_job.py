@@ -10,7 +10,7 @@ import torch
 
 from trellm.cli.main import main
 from trellm.errors import ConfigError, TrellmError
-from trellm.quant.convert.bits import LinearSlot, allocate_bits, average_bits
+from trellm.quant.convert.bits import LinearSlot, allocate_bits, allocate_measured, average_bits
 from trellm.quant.convert.job import ConvertArgs, ConvertError, convert
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,13 @@ def test_round_trip_loads_and_tracks_the_original(two_layers):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "exl3" and qc["bits"] == 4 and qc["head_bits"] == 5 and qc["codebook"] == "mul1"
     assert (out / "tokenizer.json").exists() and (out / "quantization_config.json").exists()
+    # The default measured allocation: sensitivities kept in job.json, the widths allocated from them.
+    job = json.loads((out.parent / "work-whole" / "job.json").read_text())
+    slots = [LinearSlot(name, int(name.split(".")[2]), 128 * 128) for name in job["sensitivity"]]
+    assert len(slots) == 14 and job["args"]["allocation"] == "measured"
+    allocated = {(s.layer, s.name.rsplit(".", 1)[1]): k
+                 for s, k in zip(slots, allocate_measured(slots, 4.0, job["sensitivity"]).values())}
+    assert {(s["layer"], leaf): k for s in job["layer_stats"] for leaf, k in s["bits"].items()} == allocated
     quant, orig = load_model(out, device="cpu"), load_model(src, device="cpu")
     assert quant.lm_head.impl.describe() == "exl3 5-bit mul1"
     ids = torch.randint(0, 320, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -118,6 +125,8 @@ def test_refuses_a_workdir_from_another_job(tmp_path, two_layers):
         convert(other, resume=True)
     with pytest.raises(ConvertError, match=r"different arguments \(channel_scales\)"):
         convert(_args(src, tmp_path, "a", head_bits=5, channel_scales="columns"), resume=True)
+    with pytest.raises(ConvertError, match=r"different arguments \(allocation\)"):
+        convert(_args(src, tmp_path, "a", head_bits=5, allocation="heuristic"), resume=True)
     job = tmp_path / "work-a" / "job.json"  # a job an older converter left (its layers differ from ours)
     job.write_text(job.read_text().replace('"version": 2', '"version": 1'))
     with pytest.raises(ConvertError, match="converter version 1.*new work folder"):
@@ -130,6 +139,7 @@ def test_refuses_a_workdir_from_another_job(tmp_path, two_layers):
     ({"head_bits": 0}, ConfigError, "head bits"),
     ({"codebook": "nope"}, ConfigError, "codebook"),
     ({"channel_scales": "rows"}, ConfigError, "channel scales"),
+    ({"allocation": "guess"}, ConfigError, "allocation"),
 ])
 def test_bad_arguments(tmp_path, change, error, words):
     with pytest.raises(error, match=words):
@@ -162,7 +172,8 @@ def test_cli_help_documents_every_flag(capsys):
         main(["convert", "-h"])
     text = capsys.readouterr().out
     for flag in ("--input", "--output", "--workdir", "--bpw", "--head-bits", "--codebook", "--calibration",
-                 "--rows", "--cols", "--device", "--resume", "--no-tf32", "--checkpoint-interval", "--channel-scales"):
+                 "--rows", "--cols", "--device", "--resume", "--no-tf32", "--checkpoint-interval", "--channel-scales",
+                 "--allocation"):
         assert flag in text
 
 

@@ -7,6 +7,7 @@ before the middle, smaller matrices first within a tier (more layers upgraded pe
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -46,3 +47,56 @@ def allocate_bits(slots: list[LinearSlot], bpw: float, num_layers: int) -> dict[
 def average_bits(slots: list[LinearSlot], bits: dict[str, int]) -> float:
     total = sum(s.weights for s in slots)
     return sum(bits[s.name] * s.weights for s in slots) / total if total else 0.0
+
+
+# Mean squared error per weight of the trellis on a unit Gaussian source, by K (mul1, tail-biting, best
+# global scale; K = 1..4 as QUANTIZER.md's reference, 5 and 6 measured with trellm's Viterbi, 7 and 8
+# extrapolated at the same ~3.9× per bit). Only the ratios between bit widths matter to the allocation.
+TRELLIS_MSE = {1: 0.28, 2: 0.069, 3: 0.0195, 4: 0.0052, 5: 0.0012, 6: 0.00031, 7: 0.00008, 8: 0.00002}
+
+
+def bit_range(bpw: float) -> tuple[int, int]:
+    """The bit widths a measured allocation may give a linear for target `bpw`: one below floor(bpw) (never
+    below 2 unless the target is, K = 1 being far from the quadratic regime the sensitivities assume) to
+    two above ceil(bpw)."""
+    lo = max(1 if bpw < 2 else 2, math.floor(bpw) - 1)
+    return lo, min(8, math.ceil(bpw) + 2)
+
+
+def allocate_measured(slots: list[LinearSlot], bpw: float, sensitivity: dict[str, float]) -> dict[str, int]:
+    """Integer bits per linear minimising the predicted output damage Σ sensitivity · TRELLIS_MSE[K] with the
+    weighted average bits at most `bpw` (sensitivity.linear_sensitivities measures the first factor).
+
+    Every linear starts at the lowest width of bit_range; single-bit upgrades are then bought in order of
+    damage removed per bit·weight while the budget lasts. TRELLIS_MSE falls by a smaller factor with
+    every bit, so a linear's upgrades come in order and this greedy is the Lagrangian optimum up to the
+    last, partly filled step (where it keeps buying the best upgrades that still fit)."""
+    if not 1.0 <= bpw <= 8.0:
+        raise ConfigError(f"bits per weight must be between 1 and 8, got {bpw}")
+    missing = [s.name for s in slots if s.name not in sensitivity]
+    if missing:
+        raise ConfigError(f"no measured sensitivity for {missing[0]} (and {len(missing) - 1} more)")
+    lo, hi = bit_range(bpw)
+    bits = {s.name: lo for s in slots}
+    left = bpw * sum(s.weights for s in slots) - lo * sum(s.weights for s in slots)
+    floor_s = max([sensitivity[s.name] for s in slots] + [0.0]) * 1e-9  # zero or noise-level: still ordered
+    sens = {s.name: max(sensitivity[s.name], floor_s) for s in slots}
+
+    def gain(s: LinearSlot) -> float:
+        k = bits[s.name]
+        return sens[s.name] * (TRELLIS_MSE[k] - TRELLIS_MSE[k + 1]) / s.weights
+
+    heap = [(-gain(s), i) for i, s in enumerate(slots) if hi > lo]
+    heapq.heapify(heap)
+    skipped = []  # upgrades too big for what is left (smaller ones after them may still fit)
+    while heap:
+        _, i = heapq.heappop(heap)
+        s = slots[i]
+        if s.weights > left + 1e-9:
+            skipped.append(i)
+            continue
+        bits[s.name] += 1
+        left -= s.weights
+        if bits[s.name] < hi:
+            heapq.heappush(heap, (-gain(s), i))
+    return bits

@@ -70,14 +70,19 @@ def generated_rows(model, tokenizer, rows: int, cols: int, generator: torch.Gene
     return torch.tensor([(p + o)[:cols] for p, o in zip(prompts, outs)])
 
 
+def text_row_count(rows: int) -> int:
+    """How many of calibration_rows' `rows` rows are text (they come first; the rest are random tokens)."""
+    return rows - (max(1, round(rows * RANDOM_FRACTION)) if rows > 1 else 0)
+
+
 def calibration_rows(model, tokenizer, *, rows: int, cols: int, text_file: str | Path | None, seed: int
                      ) -> torch.Tensor:
     """[rows, cols] token ids: the user's text (or model-generated text) plus ~10 % random-token rows."""
     if rows < 1 or cols < 2:
         raise ConfigError(f"calibration needs at least 1 row of 2 tokens, got {rows} × {cols}")
     g = torch.Generator().manual_seed(seed)
-    n_random = max(1, round(rows * RANDOM_FRACTION)) if rows > 1 else 0
-    n_text = rows - n_random
+    n_text = text_row_count(rows)
+    n_random = rows - n_text
     if text_file is not None:
         path = Path(text_file)
         try:

@@ -17,6 +17,7 @@ seed and the layer's position, not from a running generator.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -43,14 +44,16 @@ from trellm.layers.linear import Linear
 from trellm.models.decoder import DecoderModel
 from trellm.models.loader import load_model
 from trellm.quant import exl3_format as fmt
-from trellm.quant.convert.bits import LinearSlot, allocate_bits, average_bits
-from trellm.quant.convert.calibration import calibration_rows
+from trellm.quant.convert.bits import LinearSlot, allocate_bits, allocate_measured, average_bits
+from trellm.quant.convert.calibration import calibration_rows, text_row_count
 from trellm.quant.convert.quantize import CHANNEL_SCALES, LinearJob, quantize_linear, quantize_linears
+from trellm.quant.convert.sensitivity import COLS, ROWS, linear_sensitivities
 from trellm.quant.exl3 import EXL3Linear, round_up
 from trellm.quant.exl3_writer import WRITER_VERSION, linear_tensors
 
 log = logging.getLogger(__name__)
 
+ALLOCATIONS = ("heuristic", "measured")
 JOB_VERSION = 2  # 2: TF32 calibration passes, wider global-scale search (layers differ from version 1's)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "chat_template.jinja", "chat_template.json")
@@ -75,6 +78,7 @@ class ConvertArgs:
     shard_bytes: int = 8 * 2**30
     tf32: bool = True  # calibration forwards and Hessians on TF32 tensor cores (GPU)
     channel_scales: str = "both"  # quantize.channel_scales
+    allocation: str = "measured"  # bits.allocate_measured, or bits.allocate_bits ("heuristic")
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.bpw) <= 8.0:
@@ -86,6 +90,8 @@ class ConvertArgs:
         if self.channel_scales not in CHANNEL_SCALES:
             raise ConfigError(f"unknown channel scales {self.channel_scales!r}; choose one of "
                               f"{', '.join(CHANNEL_SCALES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.rows < 1 or self.cols < 2:
             raise ConfigError(f"calibration needs rows >= 1 and cols >= 2, got {self.rows} × {self.cols}")
 
@@ -97,6 +103,8 @@ class ConvertArgs:
         d["input"] = str(Path(self.input).resolve())
         if d["channel_scales"] == "both":
             del d["channel_scales"]  # the only choice before the option existed: older jobs still resume
+        if d["allocation"] == "heuristic":
+            del d["allocation"]  # the only choice before the option existed: older jobs resume with it
         if self.calibration:
             d["calibration_sha256"] = hashlib.sha256(Path(self.calibration).read_bytes()).hexdigest()
         return d
@@ -260,6 +268,33 @@ def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: i
     return out, float(diff_sq.sqrt() / ref_sq.sqrt().clamp_min(1e-30))
 
 
+def _sensitivities(model: DecoderModel, ids: torch.Tensor, args: ConvertArgs, batch: int) -> dict[str, float]:
+    """sensitivity.linear_sensitivities on the first calibration rows (text, not random tokens), float32."""
+    holding = model.embed_weight.dtype  # what the layers wait in (job._holding_dtype)
+    rows = ids[: min(ROWS, text_row_count(ids.shape[0])), :COLS]
+    head = model.lm_head.impl.dense_weight().float()
+    norm = copy.deepcopy(model.norm).float()
+    cap = model.config.final_logit_softcapping
+
+    def run_layer(i: int, h: torch.Tensor) -> torch.Tensor:
+        layer = model.layers[i].float()
+        try:
+            return _layer_forward(model, i, h, batch)[0]
+        finally:
+            layer.to(holding)
+
+    def logprobs(h: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(norm(h), head)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.log_softmax(logits, dim=-1)
+
+    with torch.no_grad():
+        states = model.embed(rows.to(model.device), dtype=torch.float32)
+    return linear_sensitivities([_layer_linears(layer) for layer in model.layers], states, run_layer, logprobs,
+                                mode=args.channel_scales, seed=args.seed)
+
+
 class _Hessian:
     """Σ xᵀx over all tokens (float64), then the mean: the input statistics LDLQ weighs errors by."""
 
@@ -339,7 +374,6 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     dev = model.device
     cfg = model.config
     slots = _slots(model)
-    bits = allocate_bits(slots, float(args.bpw), cfg.num_layers)
     tokenizer = Tokenizer.from_folder(src)
     t_loaded = time.perf_counter()
 
@@ -352,6 +386,15 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                                    seed=args.seed)
         _atomic_save({"ids": ids}, ids_file)
     t_calibrated = time.perf_counter()
+    if args.allocation == "measured":
+        if "sensitivity" not in state:  # measured once, kept in job.json: a resumed job allocates the same
+            with _matmul_tf32(args.tf32):
+                state["sensitivity"] = _sensitivities(model, ids, args, batch)
+            _atomic_json(state, job_file)
+        bits = allocate_measured(slots, float(args.bpw), state["sensitivity"])
+    else:
+        bits = allocate_bits(slots, float(args.bpw), cfg.num_layers)
+    t_allocated = time.perf_counter()
     states_file = work / "states.safetensors"
     done = int(state["finished"])
     if done:
@@ -363,7 +406,8 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     if progress:
         progress({"layer": "setup", "num_layers": cfg.num_layers, "resumed_after": done,
                   "stages": {"load": round(t_loaded - t_start, 2), "calibration": round(t_calibrated - t_loaded, 2),
-                             "states": round(time.perf_counter() - t_calibrated, 2)},
+                             "allocation": round(t_allocated - t_calibrated, 2),
+                             "states": round(time.perf_counter() - t_allocated, 2)},
                   "elapsed": time.perf_counter() - t_start})
 
     checkpoint = _Checkpointer()
