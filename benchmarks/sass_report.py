@@ -25,10 +25,13 @@ SIGNATURE = {
     "x_ptr": "*fp16", "xsum_ptr": "*fp32", "tr_ptr": "*i32", "svh_ptr": "*fp16", "bias_ptr": "*fp16",
     "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "NT": "i32",
     "stride_xm": "i32", "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
+    "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32",
     "K": "constexpr", "CODEBOOK": "constexpr", "TA": "constexpr", "FMA": "constexpr", "HAS_BIAS": "constexpr",
     "USE_ASM": "constexpr", "C1": "constexpr", "C2": "constexpr", "KB_P2": "constexpr", "STAGES": "constexpr",
+    "DIRECT": "constexpr", "PREFETCH": "constexpr",
 }
-DIVISIBLE = ("NT", "stride_xm", "stride_ym", "k_blocks", "U")  # what launches specialise on
+# What a launch on a Llama shape specialises on (multiples of 16; M = 1 becomes a constant for the FMA kind).
+DIVISIBLE = ("N", "NT", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
 
 
 def main() -> None:
@@ -39,12 +42,17 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
+    ap.add_argument("--direct", action="store_true", help="per-thread loads of the words (FMA kind)")
+    ap.add_argument("--prefetch", action="store_true", help="direct loads, next iteration's words prefetched")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
     fn = g._exl3_gemv_kernel
     sig = dict(SIGNATURE)
     consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
-              "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32, "STAGES": args.stages}
+              "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32, "STAGES": args.stages,
+              "DIRECT": args.direct or args.prefetch, "PREFETCH": args.prefetch}
+    if args.kind == "fma":
+        sig["M"], consts["M"] = "constexpr", 1
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a].startswith("*") or a in DIVISIBLE}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -73,6 +81,10 @@ def main() -> None:
     body = [re.sub(r"^@!?U?P\w+\s+", "", t.strip()).split()[0] for a, t in ins if start <= a <= end]
     weights = 256 if args.kind == "fma" else args.ta * 16 * 128 // (args.warps * 32)
     print(f"K-loop: {len(body)} instructions for {weights} weights per thread = {len(body) / weights:.2f} per weight")
+    outer = [(s_, e_) for s_, e_ in loops if s_ < start and e_ > end]
+    if outer:  # the stream-K loop: one pass per segment (epilogue, partial sums) around the K-loop
+        s_, e_ = min(outer, key=lambda r: r[1] - r[0])
+        print(f"per segment outside the K-loop: {sum(1 for a, _ in ins if s_ <= a <= e_) - len(body)} instructions")
     print(collections.Counter(op.split(".")[0] for op in body).most_common(20))
     print("memory:", collections.Counter(op for op in body if op.startswith(("LDG", "LDS", "STS", "SHFL", "LDL", "STL"))))
 

@@ -3,9 +3,10 @@ log in RESULTS.md; each variant is checked against the torch reference first.
 
     python benchmarks/sweep_gemv.py [--bits 2,4,8] [--m 1,16] [--configs 8x8,4x4,4x4x3]
 
-A config is TAxWARPSxSTAGES[xPROGRAMS_PER_SM]: tile rows per iteration, warps, pipeline stages of the
-FMA kernel's trellis loads, and (optionally) programs per SM instead of the count the compiled
-kernel's resources allow.
+A config is TAxWARPSxSTAGES[xPROGRAMS_PER_SM][d|p]: tile rows per iteration, warps, pipeline stages of the
+FMA kernel's trellis loads, (optionally) programs per SM instead of the count the compiled kernel's
+resources allow, and d = per-thread ("direct") loads of the words, p = direct loads with the next
+iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8x2x1d.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--m", default="1")
     ap.add_argument("--shapes", default="4096x14336,14336x4096,4096x4096")
-    ap.add_argument("--configs", default="16x4x2,16x4x1,16x4x3,8x2x2,32x8x2")
+    ap.add_argument("--configs", default="16x4x2,16x4x1,16x4x1d,16x4x1p,8x2x1d,8x2x1p")
     ap.add_argument("--probe", type=int, default=0, help="1: load floor, 2: decode floor (m = 1; wrong results)")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -39,11 +40,13 @@ def main() -> None:
                 xh, xs = had_in(x, layers[0].suh)
                 ref = exl3_gemv_ref(xh, xs, layers[0].trellis, layers[0].svh, None, "mul1", n, torch.float32)
                 for config in args.configs.split(","):
-                    ta, nw, stages, *per_sm = map(int, config.split("x"))
+                    loads = config[-1] if config[-1] in "dp" else ""
+                    ta, nw, stages, *per_sm = map(int, config.rstrip("dp").split("x"))
 
-                    def fn(lay, ta=ta, nw=nw, stages=stages, per_sm=per_sm[0] if per_sm else None):
+                    def fn(lay, ta=ta, nw=nw, stages=stages, per_sm=per_sm[0] if per_sm else None, loads=loads):
                         return exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16, ta=ta,
-                                         num_warps=nw, per_sm=per_sm, stages=stages, probe=args.probe)
+                                         num_warps=nw, per_sm=per_sm, stages=stages, probe=args.probe,
+                                         direct=loads == "d", prefetch=loads == "p")
 
                     try:
                         err = ((fn(layers[0]).float() - ref).abs().max() / ref.abs().max()).item()
@@ -55,7 +58,8 @@ def main() -> None:
                     print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config, "probe": args.probe,
                                       "us": round(t, 2), "err": round(err, 5)}), flush=True)
     for key, per_sm in _RESIDENT.items():
-        print("resident per SM", per_sm, {k: v for k, v in key[1] if k in ("K", "TA", "FMA", "num_warps", "STAGES")})
+        print("resident per SM", per_sm, {k: v for k, v in key[1]
+                                           if k in ("K", "TA", "FMA", "num_warps", "STAGES", "DIRECT", "PREFETCH")})
 
 
 if __name__ == "__main__":

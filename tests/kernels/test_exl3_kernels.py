@@ -55,6 +55,11 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         out = exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, cb, n, torch.float32, programs=programs, ta=4,
                         num_warps=4, fma=fma)
         if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("gemv", m, k, n, bits, cb, fma))
+        for prefetch in ((False, True) if fma else ()):  # the one-row body with per-thread loads
+            out = exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, cb, n, torch.float32, programs=programs, ta=4,
+                            num_warps=4, fma=fma, direct=True, prefetch=prefetch)
+            if (out - ref).abs().max() > 5e-3 * ref.abs().max():
+                fails.append(("direct gemv", m, k, n, bits, cb, prefetch))
         out = exl3_gemm_dequant(xh, lin, torch.float32)
         if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("gemm", m, k, n, bits, cb))
     # Linears sharing an input as one launch (stacked suh, concatenated trellis columns, per-group input),
@@ -79,6 +84,11 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         alone = exl3_gemv(xh1, xs1, view, lins[1].svh, lins[1].bias, "mcg", 128, torch.float32, programs=2, ta=4,
                           num_warps=4, fma=fma)
         if (alone - refs[1]).abs().max() > 5e-3 * refs[1].abs().max(): fails.append(("gemv on a view", m))
+        if fma:
+            out = exl3_gemv(xh, xs, trellis, torch.cat([l.svh for l in lins]), torch.cat([l.bias for l in lins]),
+                            "mcg", 512, torch.float32, programs=3, ta=4, num_warps=4, fma=True, group_blocks=(2, 3),
+                            prefetch=True)
+            if (out - ref).abs().max() > 5e-3 * ref.abs().max(): fails.append(("direct grouped gemv", m))
         lins[1].trellis = view
         if (exl3_gemm_dequant(xh1, lins[1], torch.float32) - refs[1]).abs().max() > 5e-3 * refs[1].abs().max():
             fails.append(("dequant on a view", m))
@@ -126,6 +136,32 @@ def test_layer_kernels_match_reference_on_gpu(k, n, m, bits, codebook):
     # The layer gives the same answer twice, bit for bit (stream-K counters reset themselves and the
     # partial sums are added in a fixed order).
     torch.testing.assert_close(lin(x).float(), y, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(256, 128), (1536, 640), (4096, 14336), (14336, 4096), (1000, 3000)])
+@pytest.mark.parametrize("bits, codebook", [(2, "mul1"), (4, "mul1"), (5, "3inst"), (8, "mcg")])
+def test_direct_load_gemv_matches_reference_on_gpu(k, n, bits, codebook):
+    """The one-row GEMV with per-thread loads (exl3_gemv(direct=True), with and without prefetch) on full
+    shapes, deterministic from call to call."""
+    from trellm.kernels.exl3_gemv import exl3_gemv
+    from trellm.kernels.hadamard import had_in
+    from trellm.quant.exl3 import EXL3Linear
+    from trellm.quant.exl3_writer import random_linear
+
+    g = torch.Generator().manual_seed(k + n + bits)
+    lin = EXL3Linear(k, n, True)
+    tr, suh, svh = random_linear(k, n, bits, generator=g)
+    lin.set_tensors(tr, suh=suh, svh=svh, codebook=codebook, bias=torch.randn(n, generator=g), device="cuda")
+    x = torch.randn(1, k, generator=g).cuda()
+    xh, xs = had_in(x, lin.suh)
+    ref = lin._forward_ref(x).float()
+    for prefetch in (False, True):
+        y = exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32, direct=True,
+                      prefetch=prefetch)
+        assert (y - ref).abs().max() <= 6e-3 * ref.abs().max()
+        torch.testing.assert_close(exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32,
+                                             direct=True, prefetch=prefetch), y, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

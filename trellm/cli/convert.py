@@ -87,7 +87,9 @@ class _Display:
         if info["layer"] == "setup":
             stages = ", ".join(f"{k} {v:.1f} s" for k, v in info["stages"].items())
             resumed = f"; resuming after layer {info['resumed_after']}" if info["resumed_after"] else ""
-            self.console.print(f"setup: {stages}{resumed}", markup=False, soft_wrap=True)
+            widths = info.get("widths")  # {bits: how many linears}
+            widths = ("; linears at " + ", ".join(f"{k} bits: {c}" for k, c in widths.items())) if widths else ""
+            self.console.print(f"setup: {stages}{resumed}{widths}", markup=False, soft_wrap=True)
             self.bar.update(self.task, completed=info["resumed_after"])
             return
         if info["layer"] == "head":
@@ -98,7 +100,9 @@ class _Display:
         done = info["layer"] + 1
         self.layer_seconds.append(info["seconds"])
         remaining = sum(self.layer_seconds) / len(self.layer_seconds) * (n - done)  # this run's layers only
-        proxies = ", ".join(f"{k} {v:.3g}" for k, v in info["proxy"].items())
+        widths = info["bits"]
+        proxies = ", ".join(f"{k} {v:.3g} ({widths[k]} b)" if k in widths else f"{k} {v:.3g}"
+                            for k, v in info["proxy"].items())
         bits = sorted(set(info["bits"].values()))
         stages = "".join(f", {k} {v:.1f}" for k, v in info.get("stages", {}).items())
         self.console.print(

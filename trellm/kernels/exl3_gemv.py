@@ -43,7 +43,8 @@ BM = 16  # tl.dot needs 16 rows; smaller batches are masked
 def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
               CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
               RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr):
-    rows = tl.arange(0, 16)
+    """acc [R, 128] (R = 1 for the one-row FMA body, 16 for the tensor-core one) -> y's block."""
+    rows = tl.arange(0, acc.shape[0])
     if CODEBOOK == 0:
         # mul1: acc holds Σ x'·h and the weights are C1·h + C2 (module docstring); had_in left Σ x'
         # per 128-block of each row.
@@ -68,6 +69,47 @@ def _tile_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, T
     w = tl.arange(0, WP)[None, None, :]
     t = tl.load(tr_ptr + ((tile_a + a) * NT + tile_c + c) * W + w, mask=w < W, other=0).to(tl.uint32, bitcast=True)
     return _unzip(t, TA, TC, WP, LOG, W)
+
+
+@triton.jit
+def _split4(t):
+    """[A, B, 4] -> its four [A, B] slices along the last dimension (in registers when one thread holds all 4)."""
+    A: tl.constexpr = t.shape[0]
+    B: tl.constexpr = t.shape[1]
+    even, odd = tl.split(tl.reshape(t, (A, B, 2, 2)))  # elements (0, 2) and (1, 3)
+    e0, e2 = tl.split(even)
+    e1, e3 = tl.split(odd)
+    return e0, e1, e2, e3
+
+
+@triton.jit
+def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
+    """_tile_words by each thread reading its own tile, 16 bytes per load: no shared-memory round trip and
+    no barrier. A warp's load touches 32 tiles of 32K bytes each, so it is split into more L1 wavefronts
+    than a coalesced one; those are far fewer than the decode's instructions."""
+    W: tl.constexpr = 8 * K
+    a = tl.arange(0, TA)[:, None, None]
+    c = tl.arange(0, TC)[None, :, None]
+    v = tl.arange(0, 4)[None, None, :]
+    base = tr_ptr + ((tile_a + a) * NT + tile_c + c) * W + v
+    words = ()
+    for q in tl.static_range(W // 4):
+        words = words + _split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
+    return words
+
+
+@triton.jit
+def _tile_row_x(x_ptr, tile_a, TA: tl.constexpr, TC: tl.constexpr):
+    """The 16 activations of each thread's tile row as 16 tensors [TA, TC] (loaded in the words' shape so
+    that both get the same layout; the TC threads of a row read the same addresses)."""
+    a = tl.arange(0, TA)[:, None, None]
+    c = tl.arange(0, TC)[None, :, None]
+    v = tl.arange(0, 4)[None, None, :]
+    base = x_ptr + (tile_a + a) * 16 + v + c * 0
+    xs = ()
+    for q in tl.static_range(4):
+        xs = xs + _split4(tl.load(base + 4 * q).to(tl.float32))
+    return xs
 
 
 @triton.jit
@@ -116,9 +158,10 @@ def _add_at(acc, I: tl.constexpr, v):
 
 @triton.jit
 def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl.constexpr,
-              CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr, PROBE: tl.constexpr = 0):
+              CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr, PROBE: tl.constexpr = 0,
+              DIRECT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile, one row of x':
-    [16, 128] fp32 with row 0 real. Each thread owns one tile per iteration (TA × 8 threads): all its
+    [1, 128] fp32. Each thread owns one tile per iteration (TA × 8 threads): all its
     windows are cut from words in its registers, every decoded weight feeds one FFMA into one of the
     tile's 16 column sums, and the activations of its tile row sit in 16 registers.
 
@@ -131,6 +174,8 @@ def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl
     acc = ()
     for col in tl.static_range(16):
         acc = acc + (tl.zeros((TA, TC), dtype=tl.float32),)
+    if PREFETCH:  # (DIRECT only) the next iteration's words load while this one decodes
+        ahead = _tile_words_direct(tr_ptr, row0, col_tile, NT, K, TA, TC)
     for i in tl.range(n_iter, num_stages=STAGES):
         tile_a = row0 + i * TA
         if PROBE == 2:
@@ -139,10 +184,19 @@ def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl
             words = ()
             for j in tl.static_range(W):
                 words = words + (seed * (2 * j + 0x9E3779B1),)
+        elif PREFETCH:
+            words = ahead
+            # The last iteration reloads its own tiles rather than read past the segment.
+            ahead = _tile_words_direct(tr_ptr, tl.where(i + 1 < n_iter, tile_a + TA, tile_a), col_tile, NT, K, TA, TC)
+        elif DIRECT:
+            words = _tile_words_direct(tr_ptr, tile_a, col_tile, NT, K, TA, TC)
         else:
             words = _tile_words(tr_ptr, tile_a, col_tile, NT, K, TA, TC)
-        # The tile row's 16 activations, split into 16 tensors [TA, 1] (broadcast over the tile columns).
-        xr = _unzip(tl.load(x_ptr + (tile_a + a) * 16 + r).to(tl.float32), TA, 1, 16, 4, 16)  # 16 × [TA, 1]
+        if DIRECT:
+            xr = _tile_row_x(x_ptr, tile_a, TA, TC)  # 16 × [TA, TC]
+        else:
+            # The tile row's 16 activations, split into 16 tensors [TA, 1] (broadcast over the tile columns).
+            xr = _unzip(tl.load(x_ptr + (tile_a + a) * 16 + r).to(tl.float32), TA, 1, 16, 4, 16)  # 16 × [TA, 1]
         if PROBE == 1:
             folded = words[0]
             for j in tl.static_range(1, W):
@@ -164,9 +218,7 @@ def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl
         for q in tl.static_range(8 >> level):
             joined = joined + (tl.join(parts[q], parts[q + (8 >> level)]),)
         parts = joined
-    accn = tl.reshape(parts[0], (1, 128))
-    rows = tl.arange(0, 16)
-    return tl.where(rows[:, None] == 0, accn, 0.0)
+    return tl.reshape(parts[0], (1, 128))  # one row: the epilogue and the partial sums skip the 15 padding rows
 
 
 @triton.jit
@@ -189,7 +241,8 @@ def _exl3_gemv_kernel(
     M, N, NT, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
-    STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False,
+    STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False, DIRECT: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
     equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
@@ -201,7 +254,8 @@ def _exl3_gemv_kernel(
     concatenated, and column blocks from GB1 (from GB2) read the second (third) transformed input,
     stride_xg / stride_sg further on. NT is the trellis row stride in tiles."""
     pid = tl.program_id(0)
-    rows = tl.arange(0, 16)
+    R: tl.constexpr = 1 if FMA else 16  # rows of a partial sum
+    rows = tl.arange(0, R)
     u = pid * U // P
     u_end = (pid + 1) * U // P
     while u < u_end:
@@ -214,7 +268,8 @@ def _exl3_gemv_kernel(
             xg_ptr = x_ptr + tl.multiple_of(grp * stride_xg, 16)
             xsg_ptr = xsum_ptr + grp * stride_sg
         if FMA:
-            acc = _fma_span(xg_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE)
+            acc = _fma_span(xg_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE,
+                            DIRECT, PREFETCH)
         else:
             acc = _mma_span(xg_ptr, tr_ptr, NT, M, stride_xm, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM)
         cols = blk * 128 + tl.arange(0, 128)
@@ -230,7 +285,7 @@ def _exl3_gemv_kernel(
             tl.store(ws_ptr + (slot + rows[:, None]) * 128 + tl.arange(0, 128)[None, :], acc, mask=keep)
             done = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel")
             if done == nseg - 1:
-                acc = tl.zeros((16, 128), dtype=tl.float32)
+                acc = tl.zeros((R, 128), dtype=tl.float32)
                 for s in range(nseg):
                     slot = (blk * MAXSEG + s) * 16
                     acc += tl.load(ws_ptr + (slot + rows[:, None]) * 128 + tl.arange(0, 128)[None, :], mask=keep,
@@ -279,7 +334,8 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
               per_sm: int | None = None, programs: int | None = None, stages: int = 2,
-              probe: int = 0, group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+              probe: int = 0, group_blocks: tuple[int, ...] = (), direct: bool = False,
+              prefetch: bool = False) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
 
     Linears sharing an input (their trellis columns concatenated; the trellis may be a column slice of a
@@ -287,7 +343,10 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     128-column block of each group after the first.
 
     One launch of a stream-K grid with as many programs as the GPU holds at once (per_sm / programs
-    override that for tuning; ta, num_warps and stages are the launch shape)."""
+    override that for tuning; ta, num_warps and stages are the launch shape). direct (m = 1 only): each
+    thread loads its own tile's words and activations instead of a coalesced load shared out through
+    shared memory (fewer registers: 87 against 128-143 for K = 4 in Triton 3.6's sm_90 code; not yet timed);
+    prefetch (with direct) also loads the next iteration's words before decoding the current ones."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
@@ -304,7 +363,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     tr = trellis.view(torch.int32)
     # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
     key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
-           stages, probe, groups > 1)
+           stages, probe, groups > 1, direct, prefetch)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
@@ -325,7 +384,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
                       USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
                       KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
-                      GROUPED=groups > 1)
+                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch)
         n_blocks, chunks = nt // 8, kt // ta
         if programs is None:
             if per_sm is None and not x_h.is_cuda:

@@ -182,15 +182,17 @@ def test_progress_display_prints_a_line_per_layer_in_logs(capsys):
 
     with _Display() as show:  # stderr is not a terminal here: plain lines, no live bar
         show({"layer": "setup", "num_layers": 4, "resumed_after": 2, "elapsed": 3.5,
-              "stages": {"load": 1.0, "calibration": 2.0, "states": 0.5}})
+              "stages": {"load": 1.0, "calibration": 2.0, "states": 0.5}, "widths": {3: 5, 4: 3}})
         for layer in (2, 3):  # a resumed job reports from its first unfinished layer
             show({"layer": layer, "num_layers": 4, "bits": {"q_proj": 4, "down_proj": 3}, "rel_error": 0.01,
                   "proxy": {"q_proj": 0.0123, "down_proj": 0.02}, "seconds": 3.0, "elapsed": 3.5 + 3 * (layer - 1),
                   "stages": {"hessians": 0.2, "quantize": 2.6, "forward": 0.2, "checkpoint_wait": 0.0}})
         show({"layer": "head", "num_layers": 4, "proxy": {"lm_head": 0.005}, "elapsed": 12.0})
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[0] == "setup: load 1.0 s, calibration 2.0 s, states 0.5 s; resuming after layer 2"
-    assert lines[1].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123")
+    assert lines[0] == ("setup: load 1.0 s, calibration 2.0 s, states 0.5 s; resuming after layer 2; "
+                        "linears at 3 bits: 5, 4 bits: 3")
+    assert lines[1].startswith("layer 3/4: 3/4 bits, output error 0.0100 (SQNR 40.0 dB); proxy q_proj 0.0123 (4 b), "
+                               "down_proj 0.02 (3 b)")
     # the estimate counts this run's layer times only (not the setup, not the layers done before the resume)
     assert "~3 s left" in lines[1] and "~0 s left" in lines[2]
     assert "[3.0 s, hessians 0.2, quantize 2.6, forward 0.2, checkpoint_wait 0.0; elapsed 6 s" in lines[1]
