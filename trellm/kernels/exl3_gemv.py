@@ -218,7 +218,7 @@ def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl
         for q in tl.static_range(8 >> level):
             joined = joined + (tl.join(parts[q], parts[q + (8 >> level)]),)
         parts = joined
-    return tl.reshape(parts[0], (1, 128))  # one row: the epilogue and the partial sums skip the 15 padding rows
+    return tl.reshape(parts[0], (1, 128))  # the caller pads it to 16 rows unless the launch is DIRECT
 
 
 @triton.jit
@@ -254,7 +254,9 @@ def _exl3_gemv_kernel(
     concatenated, and column blocks from GB1 (from GB2) read the second (third) transformed input,
     stride_xg / stride_sg further on. NT is the trellis row stride in tiles."""
     pid = tl.program_id(0)
-    R: tl.constexpr = 1 if FMA else 16  # rows of a partial sum
+    # Rows of a partial sum: the one real row with DIRECT (the epilogue's output Hadamard and the stream-K
+    # partial sums then skip the 15 padding rows); 16 otherwise, the form timed on the GPU so far.
+    R: tl.constexpr = 1 if FMA and DIRECT else 16
     rows = tl.arange(0, R)
     u = pid * U // P
     u_end = (pid + 1) * U // P
@@ -269,7 +271,9 @@ def _exl3_gemv_kernel(
             xsg_ptr = xsum_ptr + grp * stride_sg
         if FMA:
             acc = _fma_span(xg_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE,
-                            DIRECT, PREFETCH)
+                            DIRECT, PREFETCH)  # [1, 128]
+            if R == 16:
+                acc = tl.where(rows[:, None] == 0, acc, 0.0)
         else:
             acc = _mma_span(xg_ptr, tr_ptr, NT, M, stride_xm, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM)
         cols = blk * 128 + tl.arange(0, 128)
@@ -333,7 +337,7 @@ def _resident_per_sm(kernel, num_warps: int) -> int:
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
-              per_sm: int | None = None, programs: int | None = None, stages: int = 2,
+              per_sm: int | None = None, programs: int | None = None, stages: int | None = None,
               probe: int = 0, group_blocks: tuple[int, ...] = (), direct: bool = False,
               prefetch: bool = False) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
@@ -345,10 +349,14 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     One launch of a stream-K grid with as many programs as the GPU holds at once (per_sm / programs
     override that for tuning; ta, num_warps and stages are the launch shape). direct (m = 1 only): each
     thread loads its own tile's words and activations instead of a coalesced load shared out through
-    shared memory (fewer registers: 87 against 128-143 for K = 4 in Triton 3.6's sm_90 code; not yet timed);
-    prefetch (with direct) also loads the next iteration's words before decoding the current ones."""
+    shared memory, and the epilogue works on the one real row instead of 16 (87 registers against 164 for
+    K = 4 in Triton 3.6's sm_90 code, benchmarks/sass_report.py; not yet timed on a GPU); prefetch (with
+    direct) also loads the next iteration's words before decoding the current ones. stages (default 2, 1
+    with direct or prefetch: Triton's pipeliner would stage the direct loads in shared memory, 255
+    registers) is the software pipelining of the shared-memory loads."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
+    stages = stages if stages is not None else (1 if direct or prefetch else 2)
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
     groups = x_h.shape[0] if x_h.dim() == 3 else 1
