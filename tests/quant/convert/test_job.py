@@ -60,6 +60,8 @@ def test_round_trip_loads_and_tracks_the_original(two_layers):
     job = json.loads((out.parent / "work-whole" / "job.json").read_text())
     slots = [LinearSlot(name, int(name.split(".")[2]), 128 * 128) for name in job["sensitivity"]]
     assert len(slots) == 14 and job["args"]["allocation"] == "measured"
+    report = json.loads((out / "quantization_config.json").read_text())
+    assert report["allocation"] == "measured" and report["sensitivity"] == job["sensitivity"]
     allocated = {(s.layer, s.name.rsplit(".", 1)[1]): k
                  for s, k in zip(slots, allocate_measured(slots, 4.0, job["sensitivity"]).values())}
     assert {(s["layer"], leaf): k for s in job["layer_stats"] for leaf, k in s["bits"].items()} == allocated

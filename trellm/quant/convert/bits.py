@@ -86,14 +86,12 @@ def allocate_measured(slots: list[LinearSlot], bpw: float, sensitivity: dict[str
         k = bits[s.name]
         return sens[s.name] * (TRELLIS_MSE[k] - TRELLIS_MSE[k + 1]) / s.weights
 
-    heap = [(-gain(s), i) for i, s in enumerate(slots) if hi > lo]
+    heap = [(-gain(s), i) for i, s in enumerate(slots)]
     heapq.heapify(heap)
-    skipped = []  # upgrades too big for what is left (smaller ones after them may still fit)
     while heap:
         _, i = heapq.heappop(heap)
         s = slots[i]
-        if s.weights > left + 1e-9:
-            skipped.append(i)
+        if s.weights > left + 1e-9:  # this linear's next bit no longer fits (smaller ones may still)
             continue
         bits[s.name] += 1
         left -= s.weights

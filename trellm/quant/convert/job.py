@@ -530,6 +530,8 @@ def _write_output(args: ConvertArgs, src: Path, out: Path, work: Path, raw_confi
         writer.finish()
         write_json(tmp / "config.json", config)
         write_json(tmp / "quantization_config.json", {**qc, "channel_scales": args.channel_scales,
+                                                      "allocation": args.allocation,
+                                                      "sensitivity": state.get("sensitivity"),
                                                       "layers": state.get("layer_stats", []),
                                                       "head": state.get("head")})
         for name in COPIED_FILES:
