@@ -91,7 +91,7 @@ def test_probe_noise_is_iid_in_the_channel_scaled_weights():
     assert float(plain.pow(2).mean().sqrt() / w.pow(2).mean().sqrt()) == pytest.approx(NOISE, rel=0.02)
 
 
-def _tiny_model(tmp_path, layers=2):
+def _tiny_model(tmp_path, layers=2, dtype="float32"):
     import transformers
 
     from conftest import write_tiny_tokenizer
@@ -105,9 +105,10 @@ def _tiny_model(tmp_path, layers=2):
         for p in hf.parameters():
             if p.ndim == 2:
                 p.normal_(0, 1.0 / p.shape[1] ** 0.5)
-    hf.save_pretrained(tmp_path / "src")
-    write_tiny_tokenizer(tmp_path / "src")
-    return tmp_path / "src", load_model(tmp_path / "src", device="cpu", dtype="float32", fuse=False)
+    if not (tmp_path / "src" / "config.json").exists():
+        hf.save_pretrained(tmp_path / "src")
+        write_tiny_tokenizer(tmp_path / "src")
+    return tmp_path / "src", load_model(tmp_path / "src", device="cpu", dtype=dtype, fuse=False)
 
 
 def test_sensitivities_of_a_tiny_model(tmp_path):
@@ -139,3 +140,21 @@ def test_sensitivities_of_a_tiny_model(tmp_path):
     large = linear_sensitivities(layers, states, run_layer, logprobs, noise=0.02)
     ratios = torch.tensor([large[n] / small[n] for n in names])
     assert float(ratios.min()) > 3.5 and float(ratios.max()) < 4.5
+
+
+def test_the_probe_leaves_a_16_bit_model_as_it_was(tmp_path):
+    """On a GPU the converter holds the model in bf16 and the probe turns each layer to float32 for its
+    passes and back: every tensor of the model keeps its dtype and value (the layers it quantizes later
+    must be the checkpoint's)."""
+    from trellm.quant.convert.job import ConvertArgs, _sensitivities
+
+    src, model = _tiny_model(tmp_path, dtype="bfloat16")
+    before = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None}
+    assert any(t.dtype == torch.bfloat16 for t in before.values())
+    ids = torch.randint(0, 320, (5, 40), generator=torch.Generator().manual_seed(2))
+    sens = _sensitivities(model, ids, ConvertArgs(str(src), str(tmp_path / "o"), str(tmp_path / "w"), 4.0), batch=4)
+    assert len(sens) == 14 and all(v > 0 for v in sens.values())
+    after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None}
+    assert after.keys() == before.keys()
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
