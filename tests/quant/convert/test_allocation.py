@@ -158,3 +158,27 @@ def test_the_probe_leaves_a_16_bit_model_as_it_was(tmp_path):
     assert after.keys() == before.keys()
     for name, t in before.items():
         assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+
+
+@pytest.mark.parametrize("kind", ["gemma3_softcap", "gemma3", "qwen2", "llama_tied_bias", "mistral"])
+def test_the_probe_passes_reproduce_the_model(tiny_model_dir, kind):
+    """The probe's layer-by-layer float32 passes give the model's own next-token distribution (embedding
+    scale, sliding windows, norms, tied or separate head, soft-capping), and without noise every
+    sensitivity is exactly zero."""
+    from trellm.cache.contiguous import ContiguousKVCache
+    from trellm.models.loader import load_model
+    from trellm.quant.convert.job import _layer_linears, _probe_passes
+
+    path, _ = tiny_model_dir(kind)
+    model = load_model(path, device="cpu", dtype="float32", fuse=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(5))
+    run_layer, logprobs = _probe_passes(model, batch=2)
+    h = model.embed(ids, dtype=torch.float32)
+    for i in range(len(model.layers)):
+        h = run_layer(i, h)
+    cache = ContiguousKVCache(model.config, batch_size=2, max_len=20, device="cpu", dtype=torch.float32)
+    expected = torch.log_softmax(model(ids, torch.arange(20).expand(2, -1), cache.step(20), max_seq_len=20), -1)
+    torch.testing.assert_close(logprobs(h), expected, rtol=1e-4, atol=1e-4)
+    layers = [_layer_linears(layer) for layer in model.layers]
+    zero = linear_sensitivities(layers, model.embed(ids, dtype=torch.float32), run_layer, logprobs, noise=0.0)
+    assert len(zero) == 7 * len(layers) and set(zero.values()) == {0.0}

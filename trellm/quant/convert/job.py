@@ -268,10 +268,10 @@ def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: i
     return out, float(diff_sq.sqrt() / ref_sq.sqrt().clamp_min(1e-30))
 
 
-def _sensitivities(model: DecoderModel, ids: torch.Tensor, args: ConvertArgs, batch: int) -> dict[str, float]:
-    """sensitivity.linear_sensitivities on the first calibration rows (text, not random tokens), float32."""
+def _probe_passes(model: DecoderModel, batch: int) -> tuple[Callable, Callable]:
+    """The probe's float32 passes over a model held in 16 bits: run_layer(i, h) (layer i turned float32 for
+    the pass and back after it) and logprobs(h) (final norm, head and soft-capping, as the model's forward)."""
     holding = model.embed_weight.dtype  # what the layers wait in (job._holding_dtype)
-    rows = ids[: min(ROWS, text_row_count(ids.shape[0])), :COLS]
     head = model.lm_head.impl.dense_weight().float()
     norm = copy.deepcopy(model.norm).float()
     cap = model.config.final_logit_softcapping
@@ -289,6 +289,13 @@ def _sensitivities(model: DecoderModel, ids: torch.Tensor, args: ConvertArgs, ba
             logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits, dim=-1)
 
+    return run_layer, logprobs
+
+
+def _sensitivities(model: DecoderModel, ids: torch.Tensor, args: ConvertArgs, batch: int) -> dict[str, float]:
+    """sensitivity.linear_sensitivities on the first calibration rows (text, not random tokens), float32."""
+    rows = ids[: min(ROWS, text_row_count(ids.shape[0])), :COLS]
+    run_layer, logprobs = _probe_passes(model, batch)
     with torch.no_grad():
         states = model.embed(rows.to(model.device), dtype=torch.float32)
     return linear_sensitivities([_layer_linears(layer) for layer in model.layers], states, run_layer, logprobs,
