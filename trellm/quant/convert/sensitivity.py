@@ -27,16 +27,17 @@ import torch
 from trellm.layers.linear import Linear
 from trellm.quant.convert.quantize import SCALE_MODES, channel_scales
 
-NOISE = 0.05  # relative RMS of the probe noise: well above bf16 rounding, well inside the quadratic regime
+NOISE = 0.05  # relative RMS of the probe noise: between a 4- and a 5-bit trellis error, far above bf16 rounding
 ROWS, COLS = 4, 512  # calibration tokens the probe runs on (its text rows, not the random-token ones)
 
 
 def probe_noise(weight: torch.Tensor, mode: str, generator: torch.Generator, noise: float = NOISE) -> torch.Tensor:
-    """Trellis-like noise for weight [n, k] (Hugging Face layout), float32, on the weight's device."""
+    """Trellis-like noise for weight [n, k] (Hugging Face layout), float32, drawn on the weight's device
+    (the generator's): an 8B model's linears take ~7·10^9 draws, tens of seconds on a CPU."""
     w = weight.float().T  # [k, n] as the quantizer sees it
     d, c = channel_scales(w, mode if mode in SCALE_MODES else "both")
     rms = float((w / d[:, None] / c[None, :]).pow(2).mean().sqrt())
-    e = torch.randn(w.shape, generator=generator).to(w.device) * (noise * rms)
+    e = torch.randn(w.shape, generator=generator, device=w.device) * (noise * rms)
     return (e * d[:, None] * c[None, :]).T
 
 
@@ -61,7 +62,7 @@ def linear_sensitivities(layers: Sequence[Sequence[Linear]], states: torch.Tenso
         for i, linears in enumerate(layers):
             for j, lin in enumerate(linears):
                 w0 = lin.impl.weight
-                g = torch.Generator().manual_seed(seed * 1_000_003 + i * 9_973 + j * 101 + 7)
+                g = torch.Generator(device=w0.device).manual_seed(seed * 1_000_003 + i * 9_973 + j * 101 + 7)
                 lin.impl.weight = (w0.float() + probe_noise(w0, mode, g, noise)).to(w0.dtype)
                 try:
                     h = inputs[i]
