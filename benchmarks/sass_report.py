@@ -3,7 +3,10 @@
     python benchmarks/sass_report.py --kind fma --bits 4 --ta 8 --warps 8
 
 Uses the ptxas/cuobjdump that ship inside the triton wheel, so kernel changes can be checked
-(registers, spills, instructions and loads per weight in the K-loop) without device time.
+(registers, spills, instructions and loads per weight in the K-loop and per stream-K segment) without
+device time. The code depends on the Triton version: to see what the GPU machine compiles, run it with
+that machine's Triton (3.6) — e.g. a venv with `pip install triton==3.6.0 "numpy<2.4"` and a .pth file
+pointing at this project's venv for torch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import collections
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import triton
@@ -40,12 +44,17 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--ta", type=int, default=16)
     ap.add_argument("--warps", type=int, default=4)
-    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=None, help="default 2, 1 with --direct / --prefetch (as exl3_gemv)")
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
     ap.add_argument("--direct", action="store_true", help="per-thread loads of the words (FMA kind)")
     ap.add_argument("--prefetch", action="store_true", help="direct loads, next iteration's words prefetched")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
+    if not triton.__version__.startswith("3.6."):
+        print(f"warning: Triton {triton.__version__}; this script follows Triton 3.6's compile API and the GPU "
+              "machine runs 3.6 (see the module docstring)", file=sys.stderr)
+    if args.stages is None:
+        args.stages = 1 if args.direct or args.prefetch else 2
     fn = g._exl3_gemv_kernel
     sig = dict(SIGNATURE)
     consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
