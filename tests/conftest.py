@@ -134,6 +134,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def write_tiny_llama(folder, layers: int, weight_scale: float) -> None:
+    """A seeded 64-wide Llama (vocab 320) saved with the tiny tokenizer: matrices ~ N(0, weight_scale² / fan-in)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, weight_scale / p.shape[1] ** 0.5)
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder)
+
+
 def write_tiny_tokenizer(folder, vocab_size: int = 300) -> None:
     """A byte-level BPE tokenizer trained on a few sentences, with ChatML special tokens."""
     import json

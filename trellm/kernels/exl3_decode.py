@@ -92,6 +92,16 @@ def _codebook_f32(state, CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def split4(t):
+    """[..., 4] -> its four slices along the last dimension (register renames when one thread holds all
+    four, as after a 16-byte load)."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + [2, 2]))  # elements (0, 2) and (1, 3)
+    e0, e2 = tl.split(even)
+    e1, e3 = tl.split(odd)
+    return e0, e1, e2, e3
+
+
+@triton.jit
 def load_group_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
     """Words -1 .. K of every 32-weight group of TA × TC tiles: a tuple of K + 2 uint32 [TA, TC, 8]."""
     WORDS: tl.constexpr = 8 * K
@@ -116,10 +126,7 @@ def load_group_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constex
                 w0, w1 = tl.split(part)
                 words = words + (w0, w1)
             else:
-                lo, hi = tl.split(tl.reshape(part, (TA, TC, 8, 2, 2)))  # lo = words 0, 2; hi = 1, 3
-                w0, w2 = tl.split(lo)
-                w1, w3 = tl.split(hi)
-                words = words + (w0, w1, w2, w3)
+                words = words + split4(part)
     return words + (nxt,)
 
 

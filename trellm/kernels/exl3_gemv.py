@@ -31,7 +31,7 @@ import triton.language as tl
 
 from trellm.kernels import sm_count
 from trellm.kernels.exl3_decode import (
-    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block,
+    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, split4,
 )
 from trellm.kernels.hadamard import had_out_store
 from trellm.quant import exl3_format as fmt
@@ -72,17 +72,6 @@ def _tile_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, T
 
 
 @triton.jit
-def _split4(t):
-    """[A, B, 4] -> its four [A, B] slices along the last dimension (in registers when one thread holds all 4)."""
-    A: tl.constexpr = t.shape[0]
-    B: tl.constexpr = t.shape[1]
-    even, odd = tl.split(tl.reshape(t, (A, B, 2, 2)))  # elements (0, 2) and (1, 3)
-    e0, e2 = tl.split(even)
-    e1, e3 = tl.split(odd)
-    return e0, e1, e2, e3
-
-
-@triton.jit
 def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
     """_tile_words by each thread reading its own tile, 16 bytes per load: no shared-memory round trip and
     no barrier. A warp's load touches 32 tiles of 32K bytes each, so it is split into more L1 wavefronts
@@ -94,7 +83,7 @@ def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.const
     base = tr_ptr + ((tile_a + a) * NT + tile_c + c) * W + v
     words = ()
     for q in tl.static_range(W // 4):
-        words = words + _split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
+        words = words + split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
     return words
 
 
@@ -108,7 +97,7 @@ def _tile_row_x(x_ptr, tile_a, TA: tl.constexpr, TC: tl.constexpr):
     base = x_ptr + (tile_a + a) * 16 + v + c * 0
     xs = ()
     for q in tl.static_range(4):
-        xs = xs + _split4(tl.load(base + 4 * q).to(tl.float32))
+        xs = xs + split4(tl.load(base + 4 * q).to(tl.float32))
     return xs
 
 

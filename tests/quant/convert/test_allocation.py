@@ -92,22 +92,11 @@ def test_probe_noise_is_iid_in_the_channel_scaled_weights():
 
 
 def _tiny_model(tmp_path, layers=2, dtype="float32"):
-    import transformers
-
-    from conftest import write_tiny_tokenizer
+    from conftest import write_tiny_llama
     from trellm.models.loader import load_model
 
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
     if not (tmp_path / "src" / "config.json").exists():
-        hf.save_pretrained(tmp_path / "src")
-        write_tiny_tokenizer(tmp_path / "src")
+        write_tiny_llama(tmp_path / "src", layers, weight_scale=1.0)
     return tmp_path / "src", load_model(tmp_path / "src", device="cpu", dtype=dtype, fuse=False)
 
 

@@ -17,21 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def _tiny(tmp_path, layers: int = 1):
-    import transformers
+    from conftest import write_tiny_llama
 
-    from conftest import write_tiny_tokenizer
-
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
     path = tmp_path / f"src{layers}"
-    model.save_pretrained(path)
-    write_tiny_tokenizer(path)
+    write_tiny_llama(path, layers, weight_scale=0.5)
     return path
 
 

@@ -78,7 +78,7 @@ def allocate_measured(slots: list[LinearSlot], bpw: float, sensitivity: dict[str
         raise ConfigError(f"no measured sensitivity for {missing[0]} (and {len(missing) - 1} more)")
     lo, hi = bit_range(bpw)
     bits = {s.name: lo for s in slots}
-    left = bpw * sum(s.weights for s in slots) - lo * sum(s.weights for s in slots)
+    left = (bpw - lo) * sum(s.weights for s in slots)  # bit·weights to spend above the lowest width
     floor_s = max([sensitivity[s.name] for s in slots] + [0.0]) * 1e-9  # zero or noise-level: still ordered
     sens = {s.name: max(sensitivity[s.name], floor_s) for s in slots}
 

@@ -16,6 +16,7 @@ seed and the layer's position, not from a running generator.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -415,7 +416,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                   "stages": {"load": round(t_loaded - t_start, 2), "calibration": round(t_calibrated - t_loaded, 2),
                              "allocation": round(t_allocated - t_calibrated, 2),
                              "states": round(time.perf_counter() - t_allocated, 2)},
-                  "widths": {k: sum(1 for b in bits.values() if b == k) for k in sorted(set(bits.values()))},
+                  "widths": dict(sorted(collections.Counter(bits.values()).items())),
                   "elapsed": time.perf_counter() - t_start})
 
     checkpoint = _Checkpointer()
