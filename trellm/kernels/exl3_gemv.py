@@ -43,7 +43,7 @@ BM = 16  # tl.dot needs 16 rows; smaller batches are masked
 def _epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, cols,
               CODEBOOK: tl.constexpr, HAS_BIAS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
               RAW_OFFSET: tl.constexpr, KB_P2: tl.constexpr):
-    """acc [R, 128] (R = 1 for the one-row FMA body, 16 for the tensor-core one) -> y's block."""
+    """acc [R, 128] (R = 1 for a DIRECT launch of the FMA body, else 16 rows, padded for m = 1) -> y's block."""
     rows = tl.arange(0, acc.shape[0])
     if CODEBOOK == 0:
         # mul1: acc holds Σ x'·h and the weights are C1·h + C2 (module docstring); had_in left Σ x'
@@ -74,7 +74,7 @@ def _tile_words(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, T
 @triton.jit
 def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
     """_tile_words by each thread reading its own tile, 16 bytes per load: no shared-memory round trip and
-    no barrier. A warp's load touches 32 tiles of 32K bytes each, so it is split into more L1 wavefronts
+    no barrier. A warp's load touches 32 tiles of 32·K bytes each, so it is split into more L1 wavefronts
     than a coalesced one; those are far fewer than the decode's instructions."""
     W: tl.constexpr = 8 * K
     a = tl.arange(0, TA)[:, None, None]
