@@ -24,6 +24,7 @@ codebook's affine map is applied once at the end: Σ x·(C1·h + C2) = C1·Σ x�
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -310,6 +311,11 @@ def _max_segments(n_blocks: int, chunks: int, programs: int) -> int:
     return max(owner(b * chunks + chunks - 1) - owner(b * chunks) + 1 for b in range(n_blocks))
 
 
+# How the m = 1 kernel fetches its words when the caller does not say: "shared" (coalesced load shared out
+# through shared memory), "direct" or "prefetch" (see exl3_gemv). The environment variable is for A/B timing.
+M1_LOADS = os.environ.get("TRELLM_GEMV_M1", "shared")
+if M1_LOADS not in ("shared", "direct", "prefetch"):
+    raise ValueError(f"TRELLM_GEMV_M1={M1_LOADS!r}: expected shared, direct or prefetch")
 _RESIDENT: dict[tuple, int] = {}  # compiled-kernel key -> programs per SM (for the sweep's report too)
 _PLANS: dict[tuple, tuple[dict, int, int]] = {}  # call signature -> (constexprs, programs, slots per block)
 
@@ -327,8 +333,8 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
               per_sm: int | None = None, programs: int | None = None, stages: int | None = None,
-              probe: int = 0, group_blocks: tuple[int, ...] = (), direct: bool = False,
-              prefetch: bool = False) -> torch.Tensor:
+              probe: int = 0, group_blocks: tuple[int, ...] = (), direct: bool | None = None,
+              prefetch: bool | None = None) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
 
     Linears sharing an input (their trellis columns concatenated; the trellis may be a column slice of a
@@ -345,6 +351,9 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     registers) is the software pipelining of the shared-memory loads."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
+    if direct is None and prefetch is None and m == 1 and fma is not False:
+        direct, prefetch = M1_LOADS == "direct", M1_LOADS == "prefetch"
+    direct, prefetch = bool(direct), bool(prefetch)
     stages = stages if stages is not None else (1 if direct or prefetch else 2)
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
