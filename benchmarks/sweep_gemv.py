@@ -6,7 +6,8 @@ log in RESULTS.md; each variant is checked against the torch reference first.
 A config is TAxWARPSxSTAGES[xPROGRAMS_PER_SM][d|p]: tile rows per iteration, warps, pipeline stages of the
 FMA kernel's trellis loads, (optionally) programs per SM instead of the count the compiled kernel's
 resources allow, and d = per-thread ("direct") loads of the words, p = direct loads with the next
-iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8x2x1d.
+iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8x2x1d. A config `tc` is the
+tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), `tc4` / `tc8` with 4 / 8.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ import torch
 from bench_gemm import make_layers, time_graph
 from trellm.kernels.exl3_gemv import _RESIDENT, exl3_gemv, exl3_gemv_ref
 from trellm.kernels.hadamard import had_in
+
+
+def report(k, n, bits, m, config, fn, layers, ref, probe) -> None:
+    """Check one variant against the reference, time it under graph replay, print one JSON line."""
+    try:
+        err = ((fn(layers[0]).float() - ref).abs().max() / ref.abs().max()).item()
+        t = time_graph([lambda lay=lay: fn(lay) for lay in layers])
+    except Exception as e:  # a config the shape cannot take (e.g. TA not dividing the tile rows)
+        print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config, "error": str(e)[:200]}),
+              flush=True)
+        return
+    print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config, "probe": probe, "us": round(t, 2),
+                      "err": round(err, 5)}), flush=True)
 
 
 def main() -> None:
@@ -40,6 +54,14 @@ def main() -> None:
                 xh, xs = had_in(x, layers[0].suh)
                 ref = exl3_gemv_ref(xh, xs, layers[0].trellis, layers[0].svh, None, "mul1", n, torch.float32)
                 for config in args.configs.split(","):
+                    if config.startswith("tc"):
+                        from trellm.kernels.exl3_tc import exl3_gemv_tc
+
+                        def fn(lay, ta=int(config[2:]) if config[2:] else None):
+                            return exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16,
+                                                ta=ta)
+                        report(k, n, bits, m, config, fn, layers, ref, args.probe)
+                        continue
                     loads = config[-1] if config[-1] in "dp" else ""
                     ta, nw, stages, *per_sm = map(int, config.rstrip("dp").split("x"))
 
@@ -48,15 +70,7 @@ def main() -> None:
                                          num_warps=nw, per_sm=per_sm, stages=stages, probe=args.probe,
                                          direct=loads == "d", prefetch=loads == "p")
 
-                    try:
-                        err = ((fn(layers[0]).float() - ref).abs().max() / ref.abs().max()).item()
-                        t = time_graph([lambda lay=lay: fn(lay) for lay in layers])
-                    except Exception as e:  # a config the shape cannot take (e.g. TA not dividing the tile rows)
-                        print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config,
-                                          "error": str(e)[:200]}), flush=True)
-                        continue
-                    print(json.dumps({"k": k, "n": n, "bits": bits, "m": m, "variant": config, "probe": args.probe,
-                                      "us": round(t, 2), "err": round(err, 5)}), flush=True)
+                    report(k, n, bits, m, config, fn, layers, ref, args.probe)
     for key, per_sm in _RESIDENT.items():
         print("resident per SM", per_sm, {k: v for k, v in key[1]
                                            if k in ("K", "TA", "FMA", "num_warps", "STAGES", "DIRECT", "PREFETCH")})

@@ -188,3 +188,85 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     for y, ref, lin in zip(run(x), refs, lins):
         assert (y.float() - ref).abs().max() <= 6e-3 * ref.abs().max()
         assert (lin(x).float() - ref).abs().max() <= 6e-3 * ref.abs().max()
+
+
+# The tensor-core small-m kernel (kernels/exl3_tc.py) is written in Gluon, which the Triton interpreter does
+# not run: on a CPU it is compiled for sm_90 (which also proves that the decoded tiles land in the mma
+# operand registers with no data movement: the kernel asserts that conversion is trivial).
+@pytest.mark.slow
+@pytest.mark.parametrize("bits, codebook, m", [(1, "mul1", 1), (2, "mul1", 1), (3, "mcg", 5), (4, "mul1", 1),
+                                               (4, "mul1", 16), (5, "3inst", 1), (6, "mul1", 9), (7, "mul1", 1),
+                                               (8, "mcg", 1)])
+def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m):
+    from trellm.kernels.exl3_tc import compile_for_sm90, cubin_registers, tc_constexprs
+
+    kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1))
+    ptx = kernel.asm["ptx"]
+    assert "mma.sync.aligned.m16n8k16" in ptx
+    assert ("dp4a" in ptx) == (codebook == "mul1")
+    # Occupancy guard: the K-loop needs ~32-64 registers; the epilogue must not push the kernel past 128
+    # (4 programs of 4 warps per SM).
+    regs = cubin_registers(kernel.asm["cubin"])
+    assert regs <= 128, regs
+
+
+def _tc_case(k, n, bits, codebook, bias, seed):
+    from trellm.kernels.exl3_tc import exl3_gemv_tc  # noqa: F401 (fails early without Gluon)
+    from trellm.quant.exl3 import EXL3Linear
+    from trellm.quant.exl3_writer import random_linear
+
+    g = torch.Generator().manual_seed(seed)
+    lin = EXL3Linear(k, n, bias)
+    tr, suh, svh = random_linear(k, n, bits, generator=g)
+    lin.set_tensors(tr, suh=suh, svh=svh, codebook=codebook, bias=torch.randn(n, generator=g) if bias else None,
+                    device="cuda")
+    return lin, g
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k, n", [(256, 384), (1000, 3000), (4096, 14336), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("bits, codebook", [(1, "mul1"), (2, "mul1"), (3, "mcg"), (4, "mul1"), (5, "3inst"),
+                                            (6, "mul1"), (7, "mul1"), (8, "mcg")])
+def test_tensor_core_gemv_matches_reference_on_gpu(k, n, m, bits, codebook):
+    from trellm.kernels.exl3_tc import exl3_gemv_tc
+    from trellm.kernels.hadamard import had_in
+
+    lin, g = _tc_case(k, n, bits, codebook, True, k + n + m + bits)
+    x = torch.randn(m, k, generator=g).cuda()
+    xh, xs = had_in(x, lin.suh)
+    ref = lin._forward_ref(x).float()
+    y = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32)
+    assert torch.isfinite(y).all()
+    assert (y - ref).abs().max() <= 6e-3 * ref.abs().max()
+    # Deterministic from call to call (fixed-order stream-K reduction), and any program count is correct
+    # (runs starting and ending inside column blocks).
+    torch.testing.assert_close(exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32),
+                               y, rtol=0, atol=0)
+    for programs in (3, 7):
+        y2 = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32, programs=programs)
+        assert (y2 - ref).abs().max() <= 6e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_tensor_core_gemv_grouped_launch_on_gpu(m):
+    """Linears sharing an input (q/k/v) as one launch on column slices of the concatenated trellis."""
+    from trellm.kernels.exl3_tc import exl3_gemv_tc
+    from trellm.kernels.hadamard import had_in
+
+    lins = [_tc_case(4096, n, 4, "mul1", n == 1024, 17 * n + m)[0] for n in (4096, 1024, 1024)]
+    x = torch.randn(m, 4096, device="cuda")
+    trellis = torch.cat([lin.trellis for lin in lins], dim=1)
+    svh = torch.cat([lin.svh for lin in lins])
+    bias = torch.cat([lin.bias if lin.bias is not None else torch.zeros_like(lin.svh) for lin in lins])
+    xh, xs = had_in(x, torch.stack([lin.suh for lin in lins]))
+    y = exl3_gemv_tc(xh, xs, trellis, svh, bias, "mul1", 6144, torch.float32, group_blocks=(32, 40))
+    for part, lin in zip(y.split([4096, 1024, 1024], dim=1), lins):
+        ref = lin._forward_ref(x).float()
+        assert (part - ref).abs().max() <= 6e-3 * ref.abs().max()
+    # A member alone on its column slice of the concatenated trellis (the fused layer's views).
+    xh0, xs0 = had_in(x, lins[1].suh)
+    y1 = exl3_gemv_tc(xh0, xs0, trellis[:, 256:320], svh[4096:5120], bias[4096:5120], "mul1", 1024, torch.float32)
+    ref = lins[1]._forward_ref(x).float()
+    assert (y1 - ref).abs().max() <= 6e-3 * ref.abs().max()

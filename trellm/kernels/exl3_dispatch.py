@@ -1,13 +1,15 @@
 """Which EXL3 kernel runs a matmul, by device, batch size and format (CPU never gets here).
 
-    m == 1         had_in + the FMA decode-GEMV (no tensor cores, no layout conversion)
-    2 <= m <= 16   had_in + the tensor-core decode-GEMV
+    m <= 16        had_in + a decode-GEMV: exl3_gemv (m = 1 on FMA units, m = 2..16 on tensor cores) or
+                   exl3_tc (tensor cores for every m), by SMALL_M_KERNEL
     m > 16         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +23,27 @@ if TYPE_CHECKING:
 
 SMALL_M = 16
 SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
+# Which kernel takes m <= SMALL_M: "tc" (kernels/exl3_tc.py: tensor cores for every m, sm_80 and newer) or
+# "fma" (kernels/exl3_gemv.py). The environment variable is for A/B timing of whole models.
+SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "fma")
+if SMALL_M_KERNEL not in ("tc", "fma"):
+    raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected tc or fma")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_mma_v2(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def gemv_small(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
+               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype,
+               group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+    """The m <= 16 product after had_in (see exl3_gemv for the arguments), by SMALL_M_KERNEL."""
+    if SMALL_M_KERNEL == "tc" and _has_mma_v2(x_h.device):
+        from trellm.kernels.exl3_tc import exl3_gemv_tc  # Gluon: imported only where it runs
+
+        return exl3_gemv_tc(x_h, x_sums, trellis, svh, bias, codebook, n, out_dtype, group_blocks=group_blocks)
+    return exl3_gemv(x_h, x_sums, trellis, svh, bias, codebook, n, out_dtype, group_blocks=group_blocks)
 
 
 def exl3_matmul(x: torch.Tensor, layer: EXL3Linear) -> torch.Tensor:
@@ -31,8 +54,8 @@ def exl3_matmul(x: torch.Tensor, layer: EXL3Linear) -> torch.Tensor:
     x_h, x_sums = had_in(x, layer.suh)
     m = x.shape[0]
     if m <= SMALL_M:
-        return exl3_gemv(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
-                         x.dtype)
+        return gemv_small(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
+                          x.dtype)
     return exl3_gemm_dequant(x_h, layer, x.dtype)
 
 

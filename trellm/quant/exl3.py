@@ -159,8 +159,7 @@ class EXL3Linear(LinearImpl):
         group_blocks = tuple(blocks[:-1])
 
         def run(x: torch.Tensor) -> list[torch.Tensor]:
-            from trellm.kernels.exl3_dispatch import SMALL_M
-            from trellm.kernels.exl3_gemv import exl3_gemv
+            from trellm.kernels.exl3_dispatch import SMALL_M, gemv_small
             from trellm.kernels.hadamard import had_in
 
             x2 = x.reshape(-1, x.shape[-1])
@@ -168,7 +167,7 @@ class EXL3Linear(LinearImpl):
                 return [i(x) for i in impls]
 
             x_h, x_sums = had_in(x2.contiguous(), suh)
-            y = exl3_gemv(x_h, x_sums, trellis, svh, bias, first.codebook, col, x.dtype, group_blocks=group_blocks)
+            y = gemv_small(x_h, x_sums, trellis, svh, bias, first.codebook, col, x.dtype, group_blocks=group_blocks)
             return [part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes, dim=1), sizes)]
 
         return run

@@ -1,0 +1,357 @@
+"""Tensor-core EXL3 matmul for small batches (m = 1..16), written in Gluon (Triton's explicit-layout dialect).
+
+    y = had128( had128(x ⊙ suh) · Q ) ⊙ svh + bias          (x' = had128(x ⊙ suh) comes from had_in)
+
+Why a second small-m kernel: the trellis' tile order (EXL3_FORMAT.md §3: weight p = 8t + j of a 16×16
+tile sits at row 2(t mod 4) + j0 + 8·j1, column t div 4 + 8·j2) is exactly the register layout of
+one operand of the mma.sync m16n8k16 instruction, lane t holding weights 8t .. 8t + 7. So if a warp
+decodes a tile with lane t taking its own eight weights, the decoded halves are already the
+instruction's A operand (the tile transposed: output columns are A's rows, input rows its k): no
+shared memory, no shuffles, no layout conversion, and one HMMA multiplies all 256 weights of the tile
+by up to 8 batch rows. Plain Triton cannot promise that register placement; Gluon states it
+(`convert_layout(..., assert_trivial=True)` fails the compile if it is not a pure renaming).
+
+Compared with exl3_gemv's FMA body (m = 1: decode, 2^23 subtraction and FFMA per weight) this drops
+the FADD and FFMA per weight for half a PRMT (packing two halves) and an eighth of an HMMA; compared
+with its m = 2..16 tensor-core body it drops the shared-memory round trip of every decoded weight.
+Counted in Triton 3.6's sm_90 code (benchmarks/sass_report.py --kind tc): K = 4 → 4.85 instructions
+per weight in the K-loop against 5.79 (m = 1) and 7.56 (m = 16), 32 registers.
+
+Work is scheduled stream-K exactly as in exl3_gemv (same units, owners, workspace and deterministic
+slot-order reduction); the epilogue (mul1 affine, output Hadamard as butterflies in registers, svh,
+bias) runs once per 128-column block. Gluon kernels do not run in the Triton interpreter: the CPU
+tests compile this kernel for sm_90 for every K and codebook (which also checks the trivial layout
+conversion), and the GPU tests compare it with exl3_gemv_ref.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from trellm.kernels import sm_count
+from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2
+from trellm.kernels.exl3_gemv import BM, _max_segments, _resident_per_sm, _workspace
+
+NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
+
+
+@gluon.jit
+def _window(hi, lo, OFF: gl.constexpr):
+    """The 16 bits starting OFF bits (MSB-first) into the 64-bit hi:lo, as uint32."""
+    if OFF == 0:
+        return hi >> 16
+    elif OFF <= 16:
+        return (hi >> (16 - OFF)) & 0xFFFF
+    else:
+        f = gl.inline_asm_elementwise(f"shf.l.clamp.b32 $0, $2, $1, {OFF};", "=r,r,r", [hi, lo],
+                                      dtype=gl.uint32, is_pure=True, pack=1)
+        return f >> 16
+
+
+@gluon.jit
+def _state(s0, s1, s2, O: gl.constexpr):
+    """The 16-bit window starting O bits into the lane's stream s0 s1 s2 (O + 16 <= 96)."""
+    if O + 16 <= 32:
+        return _window(s0, s0, O)
+    elif O < 32:
+        return _window(s0, s1, O)
+    elif O + 16 <= 64:
+        return _window(s1, s1, O - 32)
+    else:
+        return _window(s1, s2, O - 32)
+
+
+@gluon.jit
+def _value(state, CODEBOOK: gl.constexpr):
+    """16-bit states -> fp16: mul1 gives its raw 1024 + byte sum (the epilogue applies C1, C2), the
+    others their codebook value."""
+    if CODEBOOK == 0:
+        x = state * 0x83DCD12D
+        hb = gl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 25600;", "=r,r", [x],
+                                       dtype=gl.uint32, is_pure=True, pack=1)
+        return hb.to(gl.uint16).to(gl.float16, bitcast=True)
+    else:
+        if CODEBOOK == 1:
+            x = state * 0xCBAC1FED
+        else:
+            x = state * 89226354 + 64248484
+        u = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        lo = (u & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
+        hi = (u >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
+        return lo + hi
+
+
+@gluon.jit
+def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
+             TA: gl.constexpr, BN: gl.constexpr, ONE_ROW: gl.constexpr, CODEBOOK: gl.constexpr):
+    """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
+    columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b))."""
+    W: gl.constexpr = 8 * K  # 32-bit words per tile
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    # One value per (tile row a, column pair r, warp w, lane t): tile column w + 4r, all in registers but w, t.
+    lanes: gl.constexpr = gl.BlockedLayout([TA, 2, 1, 1], [1, 1, 1, 32], [1, 1, 4, 1], [3, 2, 1, 0])
+    a_i = gl.arange(0, TA, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, lanes))))
+    r_i = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, lanes))))
+    w_i = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, lanes))))
+    t_i = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, lanes))))
+    t4 = t_i[None, None, None, :]
+    # Lane t decodes weights 8t .. 8t+7, whose windows cover stream bits [8tK + K - 16, 8tK + 8K): it
+    # reads the (up to) three words from d0 on, wrapping around the tile (tail-biting).
+    first = 8 * K * t4 + K - 16
+    d0 = (first + 32 * W) // 32 - W
+    off = (first - 32 * d0).to(gl.uint32)
+    tile = (a_i[:, None, None, None] * NT + w_i[None, None, :, None] + 4 * r_i[None, :, None, None]) * W
+    p0 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + W) % W
+    p1 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + 1 + W) % W
+    p2 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + 2 + W) % W
+    bk = gl.arange(0, 16 * TA, layout=gl.SliceLayout(1, b_layout))
+    bm = gl.arange(0, BN, layout=gl.SliceLayout(0, b_layout))
+    if ONE_ROW:
+        xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * 0  # every column of B holds the one row
+    else:
+        xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
+    acc = gl.zeros([128, BN], gl.float32, layout=mma)
+    for i in range(n_iter):
+        step = i * TA * NT * W
+        w0 = gl.load(p0 + step).to(gl.uint32, bitcast=True)
+        w1 = gl.load(p1 + step).to(gl.uint32, bitcast=True)
+        if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
+            OFF0: gl.constexpr = (K + 16) % 32
+            s0 = w0
+            s1 = w1
+            s2 = w1
+            if K == 8:
+                s2 = gl.load(p2 + step).to(gl.uint32, bitcast=True)
+        else:  # shift the lane's stream to bit 0 so that every window's offset is a constant
+            OFF0: gl.constexpr = 0
+            w2 = w1
+            if K > 4:
+                w2 = gl.load(p2 + step).to(gl.uint32, bitcast=True)
+            s0 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w0, w1, off],
+                                           dtype=gl.uint32, is_pure=True, pack=1)
+            s1 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w1, w2, off],
+                                           dtype=gl.uint32, is_pure=True, pack=1)
+            s2 = w2 << off
+        vals = ()
+        for j in gl.static_range(8):
+            vals = vals + (_value(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK),)
+        # Registers j = j0 + 2·j1 + 4·j2 become the new minor dimensions (j2, j1, j0).
+        q = (gl.join(vals[0], vals[1]), gl.join(vals[2], vals[3]), gl.join(vals[4], vals[5]),
+             gl.join(vals[6], vals[7]))
+        v = gl.join(gl.join(q[0], q[1]), gl.join(q[2], q[3]))  # [TA, 2 r, 4 w, 32 t, 2 j2, 2 j1, 2 j0]
+        v = gl.reshape(v, [TA, 2, 4, 8, 4, 2, 2, 2])  # t = t0 + 4·t1 -> (t1, t0)
+        # A's rows (output columns) 16(w + 4r) + 8·j2 + t1; its k (input rows) 16a + 8·j1 + 2·t0 + j0.
+        v = gl.permute(v, [1, 2, 5, 3, 0, 6, 4, 7])
+        wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
+        if ONE_ROW:
+            xb = gl.load(xp + i * 16 * TA)
+        else:
+            xb = gl.load(xp + i * 16 * TA, mask=bm[None, :] < M, other=0.0)
+        acc = mma_v2(wa, xb, acc)
+    return acc
+
+
+@gluon.jit
+def _tc_epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk,
+                 BN: gl.constexpr, CODEBOOK: gl.constexpr, HAS_BIAS: gl.constexpr, C1: gl.constexpr,
+                 C2: gl.constexpr):
+    """acc [128 columns, BN rows] (mma layout) -> y[:, the block] = had128(y') ⊙ svh (+ bias).
+
+    The 128-point transform runs as butterflies in registers in two phases, column bits 0-3 with 16
+    columns per thread and then bits 4-6 with 8 per thread (one exchange through shared memory in
+    between): whole rows per thread would need ~180 registers and cap the K-loop's occupancy."""
+    # Phase 1: [rows, column bits 4-6, bits 0-3]; phase 2: [rows, bits 0-3, bits 4-6]. Sylvester order
+    # pairs columns c and c ^ 2^b at every bit b.
+    l1: gl.constexpr = gl.BlockedLayout([1, 1, 16], [4, 8, 1], [4, 1, 1], [2, 1, 0])
+    l2: gl.constexpr = gl.BlockedLayout([1, 1, 8], [4, 8, 1], [4, 1, 1], [2, 1, 0])
+    z = gl.convert_layout(gl.reshape(gl.permute(acc, [1, 0]), [BN, 8, 16]), l1)
+    if CODEBOOK == 0:  # weights are C1·h + C2 with h = 1024 + b, so Σ x'·w = C1·Σ x'·h + C2·Σ x'
+        sums: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        r = gl.arange(0, BN, layout=gl.SliceLayout(1, sums))
+        xs = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, sums))
+        for b0 in range(0, k_blocks, 32):
+            b = b0 + gl.arange(0, 32, layout=gl.SliceLayout(0, sums))
+            xs += gl.sum(gl.load(xsum_ptr + r[:, None] * k_blocks + b[None, :],
+                                 mask=(r[:, None] < M) & (b[None, :] < k_blocks), other=0.0), axis=1)
+        xs = gl.convert_layout(xs, gl.SliceLayout(1, gl.SliceLayout(2, l1)))
+        z = z * C1 + xs[:, None, None] * C2
+    v = gl.reshape(z, [BN, 8, 2, 2, 2, 2])
+    for _ in gl.static_range(4):
+        lo, hi = gl.split(v)  # the last dimension: the current bit
+        v = gl.permute(gl.join(lo + hi, lo - hi), [0, 1, 5, 2, 3, 4])  # next bit last
+    z = gl.convert_layout(gl.permute(gl.reshape(v, [BN, 8, 16]), [0, 2, 1]), l2)  # [BN, 16 (bits 0-3), 8]
+    v = gl.reshape(z, [BN, 16, 2, 2, 2])
+    for _ in gl.static_range(3):
+        lo, hi = gl.split(v)
+        v = gl.permute(gl.join(lo + hi, lo - hi), [0, 1, 4, 2, 3])
+    z = gl.convert_layout(gl.reshape(v, [BN, 16, 8]), l2)
+    rows = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, l2)))[:, None, None]
+    lo_i = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, l2)))[None, :, None]
+    hi_i = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, l2)))[None, None, :]
+    cols = blk * 128 + 16 * hi_i + lo_i  # [1, 16, 8]
+    z = z * (gl.load(svh_ptr + cols).to(gl.float32) * 0.08838834764831845)  # 128^-1/2
+    if HAS_BIAS:
+        z += gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+    gl.store(y_ptr + rows * stride_ym + cols, z.to(y_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+
+
+@gluon.jit
+def _exl3_tc_kernel(
+    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
+    NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
+    ONE_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr,
+):
+    """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
+    cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
+    finish adds them in slot order and runs the epilogue. NT (the trellis row stride in tiles) is a
+    constant so that every word load is an immediate offset from one per-lane pointer."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
+    pid = gl.program_id(0)
+    cr = gl.arange(0, 128, layout=gl.SliceLayout(1, mma))
+    cm = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+    keep = (cm[None, :] < M) & (cr[:, None] >= 0)
+    part = cr[:, None] * 16 + cm[None, :]  # a slot holds [128, 16] fp32
+    u = pid * U // P
+    u_end = (pid + 1) * U // P
+    while u < u_end:
+        blk = u // CH
+        c0 = u - blk * CH
+        c1 = gl.minimum(CH, c0 + (u_end - u))
+        xg_ptr = x_ptr
+        xsg_ptr = xsum_ptr
+        if GROUPED:
+            grp = (blk >= GB1).to(gl.int32) + (blk >= GB2).to(gl.int32)
+            xg_ptr = x_ptr + gl.multiple_of(grp * stride_xg, 16)
+            xsg_ptr = xsum_ptr + grp * stride_sg
+        acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, ONE_ROW, CODEBOOK)
+        first = ((blk * CH + 1) * P - 1) // U
+        nseg = ((blk * CH + CH) * P - 1) // U - first + 1
+        if nseg == 1:
+            _tc_epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk, BN, CODEBOOK,
+                         HAS_BIAS, C1, C2)
+        else:
+            gl.store(ws_ptr + (blk * MAXSEG + pid - first) * (128 * 16) + part, acc, mask=keep)
+            done = gl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel")
+            if done == nseg - 1:
+                acc = gl.zeros([128, BN], gl.float32, layout=mma)
+                for s in range(nseg):
+                    acc += gl.load(ws_ptr + (blk * MAXSEG + s) * (128 * 16) + part, mask=keep, other=0.0,
+                                   cache_modifier=".cg")
+                gl.store(cnt_ptr + blk, 0)  # ready for the next call
+                _tc_epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk, BN,
+                             CODEBOOK, HAS_BIAS, C1, C2)
+        u += c1 - c0
+
+
+_PLANS: dict[tuple, tuple[dict, int, int]] = {}
+_RESIDENT: dict[tuple, int] = {}
+
+
+def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
+                  ta: int | None = None) -> dict:
+    """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
+    if ta is None:
+        # 8 tile rows per iteration amortise the loop overhead best (K = 4, m = 1: 4.77 instructions per
+        # weight against 5.44 with 4) but hold 2-3 words per tile and lane in registers: with three words
+        # (K >= 5) or two mma columns (m > 8) that passes 128 registers, so those take 4.
+        ta = 8 if depth // 16 <= 4 and m <= 8 else 4
+    assert kt % ta == 0 and 1 <= m <= BM
+    return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
+                ONE_ROW=m == 1, HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped)
+
+
+def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
+                 bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
+                 per_sm: int | None = None, programs: int | None = None,
+                 group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+    """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
+    on the tensor cores for every m; CUDA only (sm_80+)."""
+    m, k_pad = x_h.shape[-2:]
+    kt, nt, depth = trellis.shape
+    assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16 and x_h.is_cuda
+    assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
+    if depth % 16 or not 1 <= depth // 16 <= 8:
+        raise ValueError(f"the tensor-core kernel handles integer K = 1..8, got trellis depth {depth}")
+    groups = x_h.shape[0] if x_h.dim() == 3 else 1
+    assert len(group_blocks) == groups - 1 <= 2 and x_sums.dim() == x_h.dim()
+    gb = [*group_blocks, *[nt // 8] * (2 - len(group_blocks))]
+    stride_xg, stride_sg = (x_h.stride(0), x_sums.stride(0)) if groups > 1 else (0, 0)
+    row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
+    y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
+    tr = trellis.view(torch.int32)
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, min(m, 2), m <= 8, bias is not None, ta, per_sm,
+           programs, groups > 1)
+    plan = _PLANS.get(key)
+
+    def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
+        return (x_h, x_sums, tr, svh, bias if bias is not None else svh, y, ws, cnt, m, n, x_h.stride(-2),
+                y.stride(0), kt // 8, kt // consts["TA"], nt // 8 * (kt // consts["TA"]), p, maxseg, *gb,
+                stride_xg, stride_sg)
+
+    if plan is None:
+        consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta)
+        n_blocks, chunks = nt // 8, kt // consts["TA"]
+        if programs is None:
+            if per_sm is None:
+                ckey = (x_h.device, tuple(sorted(consts.items())))
+                if ckey not in _RESIDENT:
+                    ws, cnt = _workspace(x_h.device, 1, n_blocks)
+                    compiled = _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS,
+                                                      **consts)
+                    _RESIDENT[ckey] = _resident_per_sm(compiled, NUM_WARPS)
+                per_sm = _RESIDENT[ckey]
+            programs = per_sm * sm_count(x_h.device)
+        programs = min(programs, n_blocks * chunks)
+        plan = _PLANS[key] = (consts, programs, _max_segments(n_blocks, chunks, programs))
+    consts, programs, maxseg = plan
+    ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
+    _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt), num_warps=NUM_WARPS, **consts)
+    return y
+
+
+# Argument types of _exl3_tc_kernel for an ahead-of-time compile (tests on machines without a GPU,
+# benchmarks/sass_report.py); pointers and the strides a Llama shape has are 16-divisible.
+_SIGNATURE = {"x_ptr": "*fp16", "xsum_ptr": "*fp32", "tr_ptr": "*i32", "svh_ptr": "*fp16", "bias_ptr": "*fp16",
+              "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
+              "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
+              "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32"}
+_DIVISIBLE = ("N", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
+
+
+def compile_for_sm90(consts: dict):
+    """Compile _exl3_tc_kernel for an H100 without one (ptxas ships in the triton wheel): the compiled
+    kernel, whose .asm["cubin"] holds the SASS (cubin_registers reads its register count)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource  # Gluon's counterpart of ASTSource
+
+    sig = dict(_SIGNATURE)
+    sig.update({name: "constexpr" for name in consts})
+    names = list(sig)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names
+             if sig[a].startswith("*") or a in _DIVISIBLE}
+    return triton.compile(GluonASTSource(fn=_exl3_tc_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+
+
+def cubin_registers(cubin: bytes) -> int:
+    """Registers per thread of a compiled kernel, read with the cuobjdump that ships in the triton wheel."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1))
