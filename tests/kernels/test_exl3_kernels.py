@@ -210,6 +210,49 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m):
     assert regs <= 128, regs
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_tensor_core_lane_decode_replayed_in_torch(bits):
+    """exl3_tc's index arithmetic, replayed in torch on one random tile: each lane's stream (first word,
+    shift, constant window offsets) gives the format's states, and the joins + A_PERM put weight (k, n)
+    of every tile at row n, column k of the mma operand. (The GPU test checks the kernel itself.)"""
+    import numpy as np
+
+    from trellm.kernels.exl3_tc import A_PERM
+    from trellm.quant import exl3_format as fmt
+
+    K, W, TA = bits, 8 * bits, 2
+    tr = torch.randint(-32768, 32768, (1, 1, 16 * K), dtype=torch.int16, generator=torch.Generator().manual_seed(K))
+    words = [int(w) & 0xFFFFFFFF for w in fmt.trellis_words(tr)[0, 0]]
+    states = fmt.unpack_states(tr)[0, 0]
+    mask = 0xFFFFFFFF
+    for t in range(32):
+        first = 8 * K * t + K - 16
+        d0 = (first + 32 * W) // 32 - W
+        off = first - 32 * d0
+        w0, w1, w2 = (words[(d0 + i + W) % W] for i in range(3))
+        if K % 4 == 0:
+            assert off == (K + 16) % 32
+            o0, s0, s1, s2 = off, w0, w1, (w2 if K == 8 else w1)
+        else:
+            w2 = w2 if K > 4 else w1
+            o0 = 0
+            s0 = ((w0 << off) | (w1 >> (32 - off))) & mask
+            s1 = ((w1 << off) | (w2 >> (32 - off))) & mask
+            s2 = (w2 << off) & mask
+        stream = (s0 << 64) | (s1 << 32) | s2
+        for j in range(8):
+            assert o0 + j * K + 16 <= 96
+            assert (stream >> (80 - o0 - j * K)) & 0xFFFF == states[8 * t + j]
+    row, col = (torch.as_tensor(np.asarray(v)) for v in fmt.tile_order())
+    a, r, w, t = (torch.arange(s).view(*[-1 if d == i else 1 for d in range(4)]) for i, s in enumerate((TA, 2, 4, 32)))
+    coded = [(16 * a + row[8 * t + j]) * 1000 + 16 * (w + 4 * r) + col[8 * t + j] for j in range(8)]
+    join = lambda x, y: torch.stack((x, y), dim=-1)  # noqa: E731 (gl.join: a new last dimension)
+    q = [join(coded[i], coded[i + 1]) for i in range(0, 8, 2)]
+    v = join(join(q[0], q[1]), join(q[2], q[3])).reshape(TA, 2, 4, 8, 4, 2, 2, 2)
+    operand = v.permute(*A_PERM.value).reshape(128, 16 * TA)
+    assert torch.equal(operand, torch.arange(16 * TA)[None, :] * 1000 + torch.arange(128)[:, None])
+
+
 def _tc_case(k, n, bits, codebook, bias, seed):
     from trellm.kernels.exl3_tc import exl3_gemv_tc  # noqa: F401 (fails early without Gluon)
     from trellm.quant.exl3 import EXL3Linear

@@ -36,6 +36,8 @@ from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2
 from trellm.kernels.exl3_gemv import BM, _max_segments, _resident_per_sm, _workspace
 
 NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
+# The decoded values' dimensions (a, r, w, t1, t0, j0, j1, j2) -> (A's rows: r, w, j2, t1 | its k: a, j1, t0, j0).
+A_PERM = gl.constexpr((1, 2, 7, 3, 0, 6, 4, 5))
 
 
 @gluon.jit
@@ -140,13 +142,15 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         vals = ()
         for j in gl.static_range(8):
             vals = vals + (_value(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK),)
-        # Registers j = j0 + 2·j1 + 4·j2 become the new minor dimensions (j2, j1, j0).
+        # Registers j = j0 + 2·j1 + 4·j2 become new minor dimensions; join appends its new dimension
+        # last, so they come out as (j0, j1, j2).
         q = (gl.join(vals[0], vals[1]), gl.join(vals[2], vals[3]), gl.join(vals[4], vals[5]),
              gl.join(vals[6], vals[7]))
-        v = gl.join(gl.join(q[0], q[1]), gl.join(q[2], q[3]))  # [TA, 2 r, 4 w, 32 t, 2 j2, 2 j1, 2 j0]
+        v = gl.join(gl.join(q[0], q[1]), gl.join(q[2], q[3]))  # [TA, 2 r, 4 w, 32 t, 2 j0, 2 j1, 2 j2]
         v = gl.reshape(v, [TA, 2, 4, 8, 4, 2, 2, 2])  # t = t0 + 4·t1 -> (t1, t0)
-        # A's rows (output columns) 16(w + 4r) + 8·j2 + t1; its k (input rows) 16a + 8·j1 + 2·t0 + j0.
-        v = gl.permute(v, [1, 2, 5, 3, 0, 6, 4, 7])
+        # A's rows (output columns) 16(w + 4r) + 8·j2 + t1; its k (input rows) 16a + 8·j1 + 2·t0 + j0
+        # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
+        v = gl.permute(v, A_PERM.value)
         wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
         if ONE_ROW:
             xb = gl.load(xp + i * 16 * TA)
