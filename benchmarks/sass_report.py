@@ -1,6 +1,7 @@
 """Compile the EXL3 GEMV for sm_90 on a machine without a GPU and summarise its main loop's SASS.
 
     python benchmarks/sass_report.py --kind fma --bits 4 --ta 8 --warps 8
+    python benchmarks/sass_report.py --kind tc --bits 4 --m 1      # kernels/exl3_tc.py (Gluon)
 
 Uses the ptxas/cuobjdump that ship inside the triton wheel, so kernel changes can be checked
 (registers, spills, instructions and loads per weight in the K-loop and per stream-K segment) without
@@ -40,7 +41,8 @@ DIVISIBLE = ("N", "NT", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kind", choices=("fma", "mma"), default="fma")
+    ap.add_argument("--kind", choices=("fma", "mma", "tc"), default="fma")
+    ap.add_argument("--m", type=int, default=1, help="batch rows (tc kind: picks its mma width and tile rows)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--ta", type=int, default=16)
     ap.add_argument("--warps", type=int, default=4)
@@ -55,6 +57,20 @@ def main() -> None:
               "machine runs 3.6 (see the module docstring)", file=sys.stderr)
     if args.stages is None:
         args.stages = 1 if args.direct or args.prefetch else 2
+    if args.kind == "tc":
+        from trellm.kernels import exl3_tc
+
+        consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
+                                       False, False, ta=None if args.ta == 16 else args.ta)
+        kernel = exl3_tc.compile_for_sm90(consts)
+        args.ta = consts["TA"]
+        args.warps = exl3_tc.NUM_WARPS
+    else:
+        kernel = compile_gemv(args)
+    summarise(kernel, args)
+
+
+def compile_gemv(args):
     fn = g._exl3_gemv_kernel
     sig = dict(SIGNATURE)
     consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
@@ -64,8 +80,11 @@ def main() -> None:
         sig["M"], consts["M"] = "constexpr", 1
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if sig[a].startswith("*") or a in DIVISIBLE}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps})
+
+
+def summarise(kernel, args) -> None:
     out = Path(args.out)
     out.with_suffix(".cubin").write_bytes(kernel.asm["cubin"])
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -84,11 +103,11 @@ def main() -> None:
             loops.append((int(m.group(1), 16), addr))
     # The K-loop: the smallest loop that decodes (holds the codebook's dp4a/multiplies); the outer
     # stream-K loop around it also holds the epilogue.
-    decode_op = "IDP" if args.codebook == 0 else "HADD2"
-    decoding = [(s, e) for s, e in loops if sum(1 for a, t in ins if s <= a <= e and decode_op in t) >= 16]
+    decode_op = "HMMA" if args.kind == "tc" else ("IDP" if args.codebook == 0 else "HADD2")
+    decoding = [(s, e) for s, e in loops if sum(1 for a, t in ins if s <= a <= e and decode_op in t) >= 4]
     start, end = min(decoding, key=lambda r: r[1] - r[0])
     body = [re.sub(r"^@!?U?P\w+\s+", "", t.strip()).split()[0] for a, t in ins if start <= a <= end]
-    weights = 256 if args.kind == "fma" else args.ta * 16 * 128 // (args.warps * 32)
+    weights = 256 if args.kind == "fma" else args.ta * 16 * 128 // (args.warps * 32)  # per thread per iteration
     print(f"K-loop: {len(body)} instructions for {weights} weights per thread = {len(body) / weights:.2f} per weight")
     outer = [(s_, e_) for s_, e_ in loops if s_ < start and e_ > end]
     if outer:  # the stream-K loop: one pass per segment (epilogue, partial sums) around the K-loop
