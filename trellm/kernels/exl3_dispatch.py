@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 SMALL_M = 16
 SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
 # Which kernel takes m <= SMALL_M: "tc" (kernels/exl3_tc.py: tensor cores for every m, sm_80 and newer) or
-# "fma" (kernels/exl3_gemv.py). The environment variable is for A/B timing of whole models.
-SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "fma")
+# "fma" (kernels/exl3_gemv.py). tc on an H100, 4096→14336 at 4 bits: m = 1 22.6 µs (fma 23.8 with direct
+# loads), m = 4 / 8 / 16 24.9 / 24.0 / 32.6 µs (fma 50.0 / 50.5 / 51.1); benchmarks/RESULTS.md. The
+# environment variable is for A/B timing of whole models.
+SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "tc")
 if SMALL_M_KERNEL not in ("tc", "fma"):
     raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected tc or fma")
 

@@ -312,8 +312,10 @@ def _max_segments(n_blocks: int, chunks: int, programs: int) -> int:
 
 
 # How the m = 1 kernel fetches its words when the caller does not say: "shared" (coalesced load shared out
-# through shared memory), "direct" or "prefetch" (see exl3_gemv). The environment variable is for A/B timing.
-M1_LOADS = os.environ.get("TRELLM_GEMV_M1", "shared")
+# through shared memory), "direct" or "prefetch" (see exl3_gemv). direct was faster in every case timed on
+# an H100 (e.g. 4096→14336: 23.9 against 26.0 µs at K = 4, 21.7 against 24.9 at K = 2; RESULTS.md). The
+# environment variable is for A/B timing.
+M1_LOADS = os.environ.get("TRELLM_GEMV_M1", "direct")
 if M1_LOADS not in ("shared", "direct", "prefetch"):
     raise ValueError(f"TRELLM_GEMV_M1={M1_LOADS!r}: expected shared, direct or prefetch")
 _RESIDENT: dict[tuple, int] = {}  # compiled-kernel key -> programs per SM (for the sweep's report too)
@@ -345,7 +347,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     override that for tuning; ta, num_warps and stages are the launch shape). direct (m = 1 only): each
     thread loads its own tile's words and activations instead of a coalesced load shared out through
     shared memory, and the epilogue works on the one real row instead of 16 (87 registers against 164 for
-    K = 4 in Triton 3.6's sm_90 code, benchmarks/sass_report.py; not yet timed on a GPU); prefetch (with
+    K = 4 in Triton 3.6's sm_90 code, benchmarks/sass_report.py; the default for m = 1, M1_LOADS); prefetch (with
     direct) also loads the next iteration's words before decoding the current ones. stages (default 2, 1
     with direct or prefetch: Triton's pipeliner would stage the direct loads in shared memory, 255
     registers) is the software pipelining of the shared-memory loads."""

@@ -14,8 +14,10 @@ by up to 8 batch rows. Plain Triton cannot promise that register placement; Gluo
 Compared with exl3_gemv's FMA body (m = 1: decode, 2^23 subtraction and FFMA per weight) this drops
 the FADD and FFMA per weight for half a PRMT (packing two halves) and an eighth of an HMMA; compared
 with its m = 2..16 tensor-core body it drops the shared-memory round trip of every decoded weight.
-Counted in Triton 3.6's sm_90 code (benchmarks/sass_report.py --kind tc): K = 4 → 4.85 instructions
-per weight in the K-loop against 5.79 (m = 1) and 7.56 (m = 16), 32 registers.
+Counted in Triton 3.6's sm_90 code (benchmarks/sass_report.py --kind tc): K = 4 → 4.83 instructions
+per weight in the K-loop at m = 1 against 5.79, 5.44 at m = 16 against 7.56. Timed on an H100
+(4096→14336, K = 4; benchmarks/RESULTS.md): m = 1 22.6 µs (exl3_gemv 23.8), m = 8 24.0 µs (50.5),
+m = 16 32.6 µs (51.1).
 
 Work is scheduled stream-K exactly as in exl3_gemv (same units, owners, workspace and deterministic
 slot-order reduction); the epilogue (mul1 affine, output Hadamard as butterflies in registers, svh,
@@ -88,7 +90,7 @@ def _value(state, CODEBOOK: gl.constexpr):
 
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
-             TA: gl.constexpr, BN: gl.constexpr, ONE_ROW: gl.constexpr, CODEBOOK: gl.constexpr):
+             TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b))."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
@@ -113,10 +115,9 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     p2 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + 2 + W) % W
     bk = gl.arange(0, 16 * TA, layout=gl.SliceLayout(1, b_layout))
     bm = gl.arange(0, BN, layout=gl.SliceLayout(0, b_layout))
-    if ONE_ROW:
-        xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * 0  # every column of B holds the one row
-    else:
-        xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
+    # Batch rows past M load as zeros. (Loading the one row into every column for m = 1 instead, without
+    # the mask, ran 1.7× slower on an H100: 37.9 against 22.6 µs at K = 4 on 4096→14336.)
+    xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
     for i in range(n_iter):
         step = i * TA * NT * W
@@ -152,10 +153,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
         v = gl.permute(v, A_PERM.value)
         wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
-        if ONE_ROW:
-            xb = gl.load(xp + i * 16 * TA)
-        else:
-            xb = gl.load(xp + i * 16 * TA, mask=bm[None, :] < M, other=0.0)
+        xb = gl.load(xp + i * 16 * TA, mask=bm[None, :] < M, other=0.0)
         acc = mma_v2(wa, xb, acc)
     return acc
 
@@ -209,7 +207,7 @@ def _exl3_tc_kernel(
     x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
-    ONE_ROW: gl.constexpr, HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr,
+    HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -233,7 +231,7 @@ def _exl3_tc_kernel(
             grp = (blk >= GB1).to(gl.int32) + (blk >= GB2).to(gl.int32)
             xg_ptr = x_ptr + gl.multiple_of(grp * stride_xg, 16)
             xsg_ptr = xsum_ptr + grp * stride_sg
-        acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, ONE_ROW, CODEBOOK)
+        acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK)
         first = ((blk * CH + 1) * P - 1) // U
         nseg = ((blk * CH + CH) * P - 1) // U - first + 1
         if nseg == 1:
@@ -267,7 +265,7 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         ta = 8 if depth // 16 <= 4 and m <= 8 else 4
     assert kt % ta == 0 and 1 <= m <= BM
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
-                ONE_ROW=m == 1, HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped)
+                HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
@@ -289,7 +287,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    key = (x_h.device, kt, nt, row_stride, depth, codebook, min(m, 2), m <= 8, bias is not None, ta, per_sm,
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, per_sm,
            programs, groups > 1)
     plan = _PLANS.get(key)
 
