@@ -1,7 +1,7 @@
 """Which EXL3 kernel runs a matmul, by device, batch size and format (CPU never gets here).
 
-    m <= 16        had_in + a decode-GEMV: exl3_gemv (m = 1 on FMA units, m = 2..16 on tensor cores) or
-                   exl3_tc (tensor cores for every m), by SMALL_M_KERNEL
+    m <= 16        had_in + a decode-GEMV: exl3_tc (tensor cores for every m; sm_80 and newer), or
+                   exl3_gemv (m = 1 on FMA units, m = 2..16 on tensor cores) by SMALL_M_KERNEL / older GPUs
     m > 16         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
 """
