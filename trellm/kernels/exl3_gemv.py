@@ -331,6 +331,23 @@ def _resident_per_sm(kernel, num_warps: int) -> int:
     return max(1, min(by_regs, by_smem, 64 // num_warps, 32))
 
 
+def stream_k_plan(device: torch.device, n_blocks: int, chunks: int, per_sm: int | None, programs: int | None,
+                  resident: dict, ckey: tuple, num_warps: int, warmup) -> tuple[int, int]:
+    """(programs, workspace slots per column block) of a stream-K launch over n_blocks × chunks units: as many
+    programs as the GPU holds at once, from the compiled kernel's resources (`warmup(ws, cnt)` compiles it;
+    cached in `resident` under ckey), unless per_sm or programs say otherwise."""
+    if programs is None:
+        if per_sm is None and device.type != "cuda":
+            per_sm = 1  # the interpreter: any count is correct
+        if per_sm is None:
+            if ckey not in resident:
+                resident[ckey] = _resident_per_sm(warmup(*_workspace(device, 1, n_blocks)), num_warps)
+            per_sm = resident[ckey]
+        programs = per_sm * sm_count(device)
+    programs = min(programs, n_blocks * chunks)
+    return programs, _max_segments(n_blocks, chunks, programs)
+
+
 def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
               bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
@@ -393,20 +410,10 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
                       USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
                       KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
                       GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch)
-        n_blocks, chunks = nt // 8, kt // ta
-        if programs is None:
-            if per_sm is None and not x_h.is_cuda:
-                per_sm = 1  # the interpreter: any count is correct
-            if per_sm is None:
-                ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
-                if ckey not in _RESIDENT:
-                    ws, cnt = _workspace(x_h.device, 1, n_blocks)
-                    compiled = _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), **consts)
-                    _RESIDENT[ckey] = _resident_per_sm(compiled, num_warps)
-                per_sm = _RESIDENT[ckey]
-            programs = per_sm * sm_count(x_h.device)
-        programs = min(programs, n_blocks * chunks)
-        plan = _PLANS[key] = (consts, programs, _max_segments(n_blocks, chunks, programs))
+        ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
+        plan = _PLANS[key] = (consts, *stream_k_plan(
+            x_h.device, nt // 8, kt // ta, per_sm, programs, _RESIDENT, ckey, num_warps,
+            lambda ws, cnt: _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), **consts)))
     consts, programs, maxseg = plan
     ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
     _exl3_gemv_kernel[(programs,)](*args(programs, maxseg, ws, cnt), **consts)

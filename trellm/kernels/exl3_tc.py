@@ -33,9 +33,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from trellm.kernels import sm_count
-from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2
-from trellm.kernels.exl3_gemv import BM, _max_segments, _resident_per_sm, _workspace
+from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
+from trellm.kernels.exl3_gemv import BM, _workspace, stream_k_plan
 
 NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
 # The decoded values' dimensions (a, r, w, t1, t0, j0, j1, j2) -> (A's rows: r, w, j2, t1 | its k: a, j1, t0, j0).
@@ -43,49 +42,16 @@ A_PERM = gl.constexpr((1, 2, 7, 3, 0, 6, 4, 5))
 
 
 @gluon.jit
-def _window(hi, lo, OFF: gl.constexpr):
-    """The 16 bits starting OFF bits (MSB-first) into the 64-bit hi:lo, as uint32."""
-    if OFF == 0:
-        return hi >> 16
-    elif OFF <= 16:
-        return (hi >> (16 - OFF)) & 0xFFFF
-    else:
-        f = gl.inline_asm_elementwise(f"shf.l.clamp.b32 $0, $2, $1, {OFF};", "=r,r,r", [hi, lo],
-                                      dtype=gl.uint32, is_pure=True, pack=1)
-        return f >> 16
-
-
-@gluon.jit
 def _state(s0, s1, s2, O: gl.constexpr):
     """The 16-bit window starting O bits into the lane's stream s0 s1 s2 (O + 16 <= 96)."""
     if O + 16 <= 32:
-        return _window(s0, s0, O)
+        return _window(s0, s0, O, True)
     elif O < 32:
-        return _window(s0, s1, O)
+        return _window(s0, s1, O, True)
     elif O + 16 <= 64:
-        return _window(s1, s1, O - 32)
+        return _window(s1, s1, O - 32, True)
     else:
-        return _window(s1, s2, O - 32)
-
-
-@gluon.jit
-def _value(state, CODEBOOK: gl.constexpr):
-    """16-bit states -> fp16: mul1 gives its raw 1024 + byte sum (the epilogue applies C1, C2), the
-    others their codebook value."""
-    if CODEBOOK == 0:
-        x = state * 0x83DCD12D
-        hb = gl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 16843009, 25600;", "=r,r", [x],
-                                       dtype=gl.uint32, is_pure=True, pack=1)
-        return hb.to(gl.uint16).to(gl.float16, bitcast=True)
-    else:
-        if CODEBOOK == 1:
-            x = state * 0xCBAC1FED
-        else:
-            x = state * 89226354 + 64248484
-        u = (x & 0x8FFF8FFF) ^ 0x3B603B60
-        lo = (u & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)
-        hi = (u >> 16).to(gl.uint16).to(gl.float16, bitcast=True)
-        return lo + hi
+        return _window(s1, s2, O - 32, True)
 
 
 @gluon.jit
@@ -142,7 +108,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
             s2 = w2 << off
         vals = ()
         for j in gl.static_range(8):
-            vals = vals + (_value(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK),)
+            vals = vals + (_codebook(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK, True, True),)
         # Registers j = j0 + 2·j1 + 4·j2 become new minor dimensions; join appends its new dimension
         # last, so they come out as (j0, j1, j2).
         q = (gl.join(vals[0], vals[1]), gl.join(vals[2], vals[3]), gl.join(vals[4], vals[5]),
@@ -298,19 +264,10 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta)
-        n_blocks, chunks = nt // 8, kt // consts["TA"]
-        if programs is None:
-            if per_sm is None:
-                ckey = (x_h.device, tuple(sorted(consts.items())))
-                if ckey not in _RESIDENT:
-                    ws, cnt = _workspace(x_h.device, 1, n_blocks)
-                    compiled = _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS,
-                                                      **consts)
-                    _RESIDENT[ckey] = _resident_per_sm(compiled, NUM_WARPS)
-                per_sm = _RESIDENT[ckey]
-            programs = per_sm * sm_count(x_h.device)
-        programs = min(programs, n_blocks * chunks)
-        plan = _PLANS[key] = (consts, programs, _max_segments(n_blocks, chunks, programs))
+        plan = _PLANS[key] = (consts, *stream_k_plan(
+            x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
+            (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
+            lambda ws, cnt: _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS, **consts)))
     consts, programs, maxseg = plan
     ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
     _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt), num_warps=NUM_WARPS, **consts)
