@@ -1,7 +1,9 @@
 """One EXL3 decode-GEMV launch to profile under Nsight Compute:
 
     ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \
-        -k regex:_exl3_gemv_kernel python benchmarks/profile_gemv.py --bits 4
+        -k regex:_exl3_ python benchmarks/profile_gemv.py --bits 4 [--kernel tc]
+
+(--kernel tc: the tensor-core kernel of kernels/exl3_tc.py, kernel name _exl3_tc_kernel.)
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--ta", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
+    ap.add_argument("--kernel", choices=("fma", "tc"), default="fma")
     args = ap.parse_args()
     lay = make_layers(args.k, args.n, args.bits, 1, torch.device("cuda"))[0]
     x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
     xh, xs = had_in(x, lay.suh)
     for _ in range(3):
-        exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, args.n, torch.bfloat16, ta=args.ta,
-                  num_warps=args.warps)
+        if args.kernel == "tc":
+            from trellm.kernels.exl3_tc import exl3_gemv_tc
+
+            exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, args.n, torch.bfloat16, ta=args.ta)
+        else:
+            exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, args.n, torch.bfloat16, ta=args.ta,
+                      num_warps=args.warps)
     torch.cuda.synchronize()
 
 

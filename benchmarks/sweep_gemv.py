@@ -7,7 +7,8 @@ A config is TAxWARPSxSTAGES[xPROGRAMS_PER_SM][d|p]: tile rows per iteration, war
 FMA kernel's trellis loads, (optionally) programs per SM instead of the count the compiled kernel's
 resources allow, and d = per-thread ("direct") loads of the words, p = direct loads with the next
 iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8x2x1d. A config `tc` is the
-tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), `tc4` / `tc8` with 4 / 8.
+tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), `tc4` / `tc8` with 4 / 8,
+`tc8x2` with 2 programs per SM instead of the resident count.
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def main() -> None:
                     if config.startswith("tc"):
                         from trellm.kernels.exl3_tc import exl3_gemv_tc
 
-                        def fn(lay, ta=int(config[2:]) if config[2:] else None):
+                        ta_s, _, per_sm_s = config[2:].partition("x")
+
+                        def fn(lay, ta=int(ta_s) if ta_s else None, per_sm=int(per_sm_s) if per_sm_s else None):
                             return exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16,
-                                                ta=ta)
+                                                ta=ta, per_sm=per_sm)
                         report(k, n, bits, m, config, fn, layers, ref, args.probe)
                         continue
                     loads = config[-1] if config[-1] in "dp" else ""

@@ -204,17 +204,17 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m):
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
-    # Occupancy guard: the K-loop needs ~32-64 registers; the epilogue must not push the kernel past 128
-    # (4 programs of 4 warps per SM).
+    # Occupancy guard: at most 168 registers keeps 3 programs of 4 warps per SM (the timed defaults take
+    # 96-167; more would drop to 2 and expose the loads' latency).
     regs = cubin_registers(kernel.asm["cubin"])
-    assert regs <= 128, regs
+    assert regs <= 168, regs
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_tensor_core_lane_decode_replayed_in_torch(bits):
     """exl3_tc's index arithmetic, replayed in torch on one random tile: each lane's stream (first word,
-    shift, constant window offsets) gives the format's states, and the joins + A_PERM put weight (k, n)
-    of every tile at row n, column k of the mma operand. (The GPU test checks the kernel itself.)"""
+    shift, the word pair and offset _state picks for each constant window offset) gives the format's
+    states, and the joins + A_PERM put weight (k, n) of every tile at row n, column k of the mma operand. (The GPU test checks the kernel itself.)"""
     import numpy as np
 
     from trellm.kernels.exl3_tc import A_PERM
@@ -239,10 +239,16 @@ def test_tensor_core_lane_decode_replayed_in_torch(bits):
             s0 = ((w0 << off) | (w1 >> (32 - off))) & mask
             s1 = ((w1 << off) | (w2 >> (32 - off))) & mask
             s2 = (w2 << off) & mask
-        stream = (s0 << 64) | (s1 << 32) | s2
-        for j in range(8):
-            assert o0 + j * K + 16 <= 96
-            assert (stream >> (80 - o0 - j * K)) & 0xFFFF == states[8 * t + j]
+        stream = (s0, s1, s2, s2)
+        for j in range(8):  # _state: word O // 32 and the next, then _window at O % 32
+            o = o0 + j * K
+            assert o + 16 <= 96
+            hi, lo, sh = stream[o // 32], stream[o // 32 + 1], o % 32
+            if sh <= 16:
+                window = (hi >> (16 - sh)) & 0xFFFF
+            else:
+                window = ((((hi << sh) | (lo >> (32 - sh))) & mask) >> 16)
+            assert window == states[8 * t + j], (K, t, j)
     row, col = (torch.as_tensor(np.asarray(v)) for v in fmt.tile_order())
     a, r, w, t = (torch.arange(s).view(*[-1 if d == i else 1 for d in range(4)]) for i, s in enumerate((TA, 2, 4, 32)))
     coded = [(16 * a + row[8 * t + j]) * 1000 + 16 * (w + 4 * r) + col[8 * t + j] for j in range(8)]

@@ -1,7 +1,7 @@
 """Which EXL3 kernel runs a matmul, by device, batch size and format (CPU never gets here).
 
-    m <= 16        had_in + a decode-GEMV: exl3_tc (tensor cores for every m; sm_80 and newer), or
-                   exl3_gemv (m = 1 on FMA units, m = 2..16 on tensor cores) by SMALL_M_KERNEL / older GPUs
+    m <= 16        had_in + a decode-GEMV: m = 1 exl3_gemv (FMA units), m = 2..16 exl3_tc (tensor cores,
+                   decoded straight into mma registers; sm_80 and newer), by SMALL_M_KERNEL
     m > 16         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
 """
@@ -23,13 +23,14 @@ if TYPE_CHECKING:
 
 SMALL_M = 16
 SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
-# Which kernel takes m <= SMALL_M: "tc" (kernels/exl3_tc.py: tensor cores for every m, sm_80 and newer) or
-# "fma" (kernels/exl3_gemv.py). tc on an H100, 4096→14336 at 4 bits: m = 1 22.6 µs (fma 23.8 with direct
-# loads), m = 4 / 8 / 16 24.9 / 24.0 / 32.6 µs (fma 50.0 / 50.5 / 51.1); benchmarks/RESULTS.md. The
-# environment variable is for A/B timing of whole models.
-SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "tc")
-if SMALL_M_KERNEL not in ("tc", "fma"):
-    raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected tc or fma")
+# Which kernel takes m <= SMALL_M: "auto" (m = 1 exl3_gemv, m = 2..16 exl3_tc), "tc" (kernels/exl3_tc.py for
+# every m; sm_80 and newer) or "fma" (kernels/exl3_gemv.py for every m). H100 timings (benchmarks/RESULTS.md,
+# 2026-12-07 third session): at m = 1 the two are within ±5 % shape by shape and their sums over the three
+# Llama shapes tie at K = 4 (59.2 / 59.3 µs), fma leads at K = 2-3, tc at K = 5-6 (-2-3 %); at m = 16
+# tc takes 16-36 µs where fma takes 26-92. The environment variable is for A/B timing of whole models.
+SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "auto")
+if SMALL_M_KERNEL not in ("auto", "tc", "fma"):
+    raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected auto, tc or fma")
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +42,9 @@ def gemv_small(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, s
                bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype,
                group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """The m <= 16 product after had_in (see exl3_gemv for the arguments), by SMALL_M_KERNEL."""
-    if SMALL_M_KERNEL == "tc" and _has_mma_v2(x_h.device):
+    m = x_h.shape[-2]
+    use_tc = SMALL_M_KERNEL == "tc" or (SMALL_M_KERNEL == "auto" and m > 1)
+    if use_tc and _has_mma_v2(x_h.device):
         from trellm.kernels.exl3_tc import exl3_gemv_tc  # Gluon: imported only where it runs
 
         return exl3_gemv_tc(x_h, x_sums, trellis, svh, bias, codebook, n, out_dtype, group_blocks=group_blocks)
