@@ -51,7 +51,7 @@ def _state(s0, s1, s2, O: gl.constexpr):
 
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
-             TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr):
+             TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b))."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
@@ -80,22 +80,23 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     # the mask, ran 1.7× slower on an H100: 37.9 against 22.6 µs at K = 4 on 4096→14336.)
     xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
+    if PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
+        w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, 0, TA * NT * W, 16 * TA, K)
     for i in range(n_iter):
-        step = i * TA * NT * W
-        w0 = gl.load(p0 + step).to(gl.uint32, bitcast=True)
-        w1 = gl.load(p1 + step).to(gl.uint32, bitcast=True)
+        if PREFETCH:
+            w0, w1, w2, xb = w0n, w1n, w2n, xbn
+            # The last iteration reloads its own words (L1 hits) rather than reading past the span.
+            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 1, n_iter - 1), TA * NT * W,
+                                           16 * TA, K)
+        else:
+            w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, TA * NT * W, 16 * TA, K)
         if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
             OFF0: gl.constexpr = (K + 16) % 32
             s0 = w0
             s1 = w1
-            s2 = w1
-            if K == 8:
-                s2 = gl.load(p2 + step).to(gl.uint32, bitcast=True)
+            s2 = w2
         else:  # shift the lane's stream to bit 0 so that every window's offset is a constant
             OFF0: gl.constexpr = 0
-            w2 = w1
-            if K > 4:
-                w2 = gl.load(p2 + step).to(gl.uint32, bitcast=True)
             s0 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w0, w1, off],
                                            dtype=gl.uint32, is_pure=True, pack=1)
             s1 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w1, w2, off],
@@ -114,9 +115,21 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
         v = gl.permute(v, A_PERM.value)
         wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
-        xb = gl.load(xp + i * 16 * TA, mask=bm[None, :] < M, other=0.0)
         acc = mma_v2(wa, xb, acc)
     return acc
+
+
+@gluon.jit
+def _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, step_x, K: gl.constexpr):
+    """Iteration i's trellis words (the third only for K > 4, whose lane streams span three words) and
+    its x rows (batch rows past M as zeros)."""
+    w0 = gl.load(p0 + i * step_w).to(gl.uint32, bitcast=True)
+    w1 = gl.load(p1 + i * step_w).to(gl.uint32, bitcast=True)
+    w2 = w1
+    if K > 4:
+        w2 = gl.load(p2 + i * step_w).to(gl.uint32, bitcast=True)
+    xb = gl.load(xp + i * step_x, mask=bm[None, :] < M, other=0.0)
+    return w0, w1, w2, xb
 
 
 @gluon.jit
@@ -170,7 +183,7 @@ def _exl3_tc_kernel(
     x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
-    HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr,
+    HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -194,7 +207,8 @@ def _exl3_tc_kernel(
             grp = (blk >= GB1).to(gl.int32) + (blk >= GB2).to(gl.int32)
             xg_ptr = x_ptr + gl.multiple_of(grp * stride_xg, 16)
             xsg_ptr = xsum_ptr + grp * stride_sg
-        acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK)
+        acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
+                       PREFETCH)
         first = ((blk * CH + 1) * P - 1) // U
         nseg = ((blk * CH + CH) * P - 1) // U - first + 1
         if nseg == 1:
@@ -219,7 +233,7 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None) -> dict:
+                  ta: int | None = None, prefetch: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
@@ -229,12 +243,12 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         ta = 8
     assert kt % ta == 0 and 1 <= m <= BM
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
-                HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped)
+                HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
-                 per_sm: int | None = None, programs: int | None = None,
+                 prefetch: bool = False, per_sm: int | None = None, programs: int | None = None,
                  group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+)."""
@@ -251,7 +265,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, per_sm,
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, per_sm,
            programs, groups > 1)
     plan = _PLANS.get(key)
 
@@ -261,7 +275,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
                 stride_xg, stride_sg)
 
     if plan is None:
-        consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta)
+        consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
