@@ -194,10 +194,10 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
 # not run: on a CPU it is compiled for sm_90 (which also proves that the decoded tiles land in the mma
 # operand registers with no data movement: the kernel asserts that conversion is trivial).
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, codebook, m, prefetch", [
-    (1, "mul1", 1, False), (2, "mul1", 1, False), (3, "mcg", 5, False), (4, "mul1", 1, False), (4, "mul1", 16, False),
-    (5, "3inst", 1, False), (6, "mul1", 9, False), (7, "mul1", 1, False), (8, "mcg", 1, False), (3, "mul1", 1, True),
-    (8, "mul1", 16, True)])
+@pytest.mark.parametrize("bits, codebook, m, prefetch", [  # None: the default for m
+    (1, "mul1", 1, None), (2, "mul1", 1, None), (3, "mcg", 5, None), (4, "mul1", 1, None), (4, "mul1", 16, None),
+    (5, "3inst", 1, None), (5, "mul1", 16, None), (6, "mul1", 9, None), (7, "mul1", 1, None), (8, "mcg", 1, None),
+    (3, "mul1", 1, False), (8, "mul1", 16, True)])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, prefetch):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_registers, tc_constexprs
 

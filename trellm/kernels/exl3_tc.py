@@ -233,7 +233,7 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None, prefetch: bool = False) -> dict:
+                  ta: int | None = None, prefetch: bool | None = None) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
@@ -241,6 +241,11 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         # takes 124-167 registers (3 programs per SM instead of 5), yet timed faster on an H100 in 33 of
         # 36 shape × K × m cases, the other 3 within 2 % (K = 4, m = 16, 4096→4096: 16.2 against 24.1 µs).
         ta = 8
+    if prefetch is None:
+        # Loading iteration i + 1's words before decoding iteration i's (120-161 registers) timed 1-10 %
+        # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
+        # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
+        prefetch = m <= 8
     assert kt % ta == 0 and 1 <= m <= BM
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch)
@@ -248,7 +253,7 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
-                 prefetch: bool = False, per_sm: int | None = None, programs: int | None = None,
+                 prefetch: bool | None = None, per_sm: int | None = None, programs: int | None = None,
                  group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+)."""
@@ -265,6 +270,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
+    prefetch = m <= 8 if prefetch is None else prefetch
     key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, per_sm,
            programs, groups > 1)
     plan = _PLANS.get(key)
