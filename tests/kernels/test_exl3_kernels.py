@@ -197,15 +197,17 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
 @pytest.mark.parametrize("bits, codebook, m, prefetch", [  # None: the default for m
     (1, "mul1", 1, None), (2, "mul1", 1, None), (3, "mcg", 5, None), (4, "mul1", 1, None), (4, "mul1", 16, None),
     (5, "3inst", 1, None), (5, "mul1", 16, None), (6, "mul1", 9, None), (7, "mul1", 1, None), (8, "mcg", 1, None),
-    (3, "mul1", 1, False), (8, "mul1", 16, True)])
+    (3, "mul1", 1, False), (8, "mul1", 16, True), (4, "mul1", 1, "timeline")])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, prefetch):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_registers, tc_constexprs
 
+    timeline = prefetch == "timeline"  # the diagnostic build of benchmarks/timeline_tc.py
     kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1,
-                                            prefetch=prefetch))
+                                            prefetch=None if timeline else prefetch, timeline=timeline))
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
+    assert ("%globaltimer" in ptx) == timeline
     # Occupancy guard: at most 168 registers keeps 3 programs of 4 warps per SM (the timed defaults take
     # 96-167; more would drop to 2 and expose the loads' latency).
     regs = cubin_registers(kernel.asm["cubin"])

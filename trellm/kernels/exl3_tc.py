@@ -180,17 +180,24 @@ def _tc_epilogue(acc, xsum_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride
 # kernel (an assertion in ConvertTritonGPUToLLVM, seen on an H100 and in an ahead-of-time compile).
 @gluon.jit(do_not_specialize=["CH"])
 def _exl3_tc_kernel(
-    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
+    x_ptr, xsum_ptr, tr_ptr, svh_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, clk_ptr,
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
+    TIMELINE: gl.constexpr,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
     finish adds them in slot order and runs the epilogue. NT (the trellis row stride in tiles) is a
-    constant so that every word load is an immediate offset from one per-lane pointer."""
+    constant so that every word load is an immediate offset from one per-lane pointer. TIMELINE (a
+    diagnostic, benchmarks/timeline_tc.py) records per program: the SM, global-timer ns at start and
+    end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     pid = gl.program_id(0)
+    if TIMELINE:
+        t_start = _timer(pid, GLOBALTIMER)
+        c_start = _timer(pid, CLOCK)
+        c_loops = c_start - c_start
     cr = gl.arange(0, 128, layout=gl.SliceLayout(1, mma))
     cm = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
     keep = (cm[None, :] < M) & (cr[:, None] >= 0)
@@ -207,8 +214,12 @@ def _exl3_tc_kernel(
             grp = (blk >= GB1).to(gl.int32) + (blk >= GB2).to(gl.int32)
             xg_ptr = x_ptr + gl.multiple_of(grp * stride_xg, 16)
             xsg_ptr = xsum_ptr + grp * stride_sg
+        if TIMELINE:
+            c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
                        PREFETCH)
+        if TIMELINE:  # read the clock once the span's products exist
+            c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
         nseg = ((blk * CH + CH) * P - 1) // U - first + 1
         if nseg == 1:
@@ -226,6 +237,28 @@ def _exl3_tc_kernel(
                 _tc_epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk, BN,
                              CODEBOOK, HAS_BIAS, C1, C2)
         u += c1 - c0
+    if TIMELINE:
+        c_end = _timer(pid, CLOCK)
+        t_end = _timer(pid, GLOBALTIMER)
+        row = clk_ptr + pid * 6
+        gl.store(row, _timer(pid, SMID))
+        gl.store(row + 1, t_start)
+        gl.store(row + 2, t_end)
+        gl.store(row + 3, c_start)
+        gl.store(row + 4, c_loops)
+        gl.store(row + 5, c_end - c_start)
+
+
+# Special registers read by the TIMELINE diagnostic.
+GLOBALTIMER = gl.constexpr("mov.u64 $0, %globaltimer;")
+CLOCK = gl.constexpr("mov.u64 $0, %clock64;")
+SMID = gl.constexpr("{ .reg .u32 t; mov.u32 t, %smid; cvt.u64.u32 $0, t; }")
+
+
+@gluon.jit
+def _timer(dep, ASM: gl.constexpr):
+    """A special register as int64 (ASM: one of the above); `dep` only orders the read after it."""
+    return gl.inline_asm_elementwise(ASM, "=l,r", [dep], dtype=gl.int64, is_pure=False, pack=1)
 
 
 _PLANS: dict[tuple, tuple[dict, int, int]] = {}
@@ -233,7 +266,7 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None, prefetch: bool | None = None) -> dict:
+                  ta: int | None = None, prefetch: bool | None = None, timeline: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
@@ -248,15 +281,17 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         prefetch = m <= 8
     assert kt % ta == 0 and 1 <= m <= BM
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
-                HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch)
+                HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
+                TIMELINE=timeline)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
                  prefetch: bool | None = None, per_sm: int | None = None, programs: int | None = None,
-                 group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
+                 group_blocks: tuple[int, ...] = (), timeline: bool = False):
     """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
-    on the tensor cores for every m; CUDA only (sm_80+)."""
+    on the tensor cores for every m; CUDA only (sm_80+). timeline=True (a diagnostic) returns (y, the
+    kernel's per-program record [programs, 6] int64: SM, start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16 and x_h.is_cuda
@@ -272,31 +307,34 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     tr = trellis.view(torch.int32)
     prefetch = m <= 8 if prefetch is None else prefetch
     key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, per_sm,
-           programs, groups > 1)
+           programs, groups > 1, timeline)
     plan = _PLANS.get(key)
 
-    def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
-        return (x_h, x_sums, tr, svh, bias if bias is not None else svh, y, ws, cnt, m, n, x_h.stride(-2),
+    def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
+        return (x_h, x_sums, tr, svh, bias if bias is not None else svh, y, ws, cnt,
+                clk if clk is not None else cnt, m, n, x_h.stride(-2),
                 y.stride(0), kt // 8, kt // consts["TA"], nt // 8 * (kt // consts["TA"]), p, maxseg, *gb,
                 stride_xg, stride_sg)
 
     if plan is None:
-        consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch)
+        consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
+                               timeline)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
             lambda ws, cnt: _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS, **consts)))
     consts, programs, maxseg = plan
     ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
-    _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt), num_warps=NUM_WARPS, **consts)
-    return y
+    clk = torch.zeros(programs, 6, device=x_h.device, dtype=torch.int64) if timeline else None
+    _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt, clk), num_warps=NUM_WARPS, **consts)
+    return (y, clk) if timeline else y
 
 
 # Argument types of _exl3_tc_kernel for an ahead-of-time compile (tests on machines without a GPU,
 # benchmarks/sass_report.py); pointers and the strides a Llama shape has are 16-divisible.
 _SIGNATURE = {"x_ptr": "*fp16", "xsum_ptr": "*fp32", "tr_ptr": "*i32", "svh_ptr": "*fp16", "bias_ptr": "*fp16",
-              "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_xm": "i32",
-              "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
+              "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "clk_ptr": "*i64", "M": "i32", "N": "i32",
+              "stride_xm": "i32", "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
               "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32"}
 _DIVISIBLE = ("N", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
 
