@@ -85,6 +85,21 @@ def time_graph(calls, *, reps: int = 20, repeats: int = 5) -> float:
     return statistics.median(results)
 
 
+def one_layer_input(ap) -> tuple:
+    """--k --n --bits --m (defaults: the 4096→14336 GEMV at 4 bits, one row) -> parsed args, one layer,
+    and its had_in(x) (x', sums), for the one-launch profiling scripts."""
+    from trellm.kernels.hadamard import had_in
+
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--n", type=int, default=14336)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--m", type=int, default=1)
+    args = ap.parse_args()
+    lay = make_layers(args.k, args.n, args.bits, 1, torch.device("cuda"))[0]
+    x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
+    return args, lay, *had_in(x, lay.suh)
+
+
 def make_layers(k: int, n: int, bits: int, copies: int, device, codebook: str = "mul1") -> list[EXL3Linear]:
     g = torch.Generator().manual_seed(k * 7 + n * 3 + bits)
     layers = []

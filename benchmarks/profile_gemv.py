@@ -12,24 +12,16 @@ import argparse
 
 import torch
 
-from bench_gemm import make_layers
+from bench_gemm import one_layer_input
 from trellm.kernels.exl3_gemv import exl3_gemv
-from trellm.kernels.hadamard import had_in
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--n", type=int, default=14336)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--ta", type=int, default=None)
     ap.add_argument("--warps", type=int, default=None)
     ap.add_argument("--kernel", choices=("fma", "tc"), default="fma")
-    args = ap.parse_args()
-    lay = make_layers(args.k, args.n, args.bits, 1, torch.device("cuda"))[0]
-    x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
-    xh, xs = had_in(x, lay.suh)
+    args, lay, xh, xs = one_layer_input(ap)
     for _ in range(3):
         if args.kernel == "tc":
             from trellm.kernels.exl3_tc import exl3_gemv_tc

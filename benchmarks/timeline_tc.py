@@ -15,9 +15,8 @@ import argparse
 
 import torch
 
-from bench_gemm import make_layers
+from bench_gemm import one_layer_input
 from trellm.kernels.exl3_tc import exl3_gemv_tc
-from trellm.kernels.hadamard import had_in
 
 
 def pct(t: torch.Tensor, q: float) -> float:
@@ -26,16 +25,9 @@ def pct(t: torch.Tensor, q: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--n", type=int, default=14336)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--prefetch", type=int, default=None)
     ap.add_argument("--bins", type=int, default=12)
-    args = ap.parse_args()
-    lay = make_layers(args.k, args.n, args.bits, 1, torch.device("cuda"))[0]
-    x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
-    xh, xs = had_in(x, lay.suh)
+    args, lay, xh, xs = one_layer_input(ap)
     pf = None if args.prefetch is None else bool(args.prefetch)
     for _ in range(5):  # compile, then let clocks and caches settle; keep the last record
         _, rec = exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, args.n, torch.bfloat16,
