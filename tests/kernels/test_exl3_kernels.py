@@ -194,20 +194,20 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
 # not run: on a CPU it is compiled for sm_90 (which also proves that the decoded tiles land in the mma
 # operand registers with no data movement: the kernel asserts that conversion is trivial).
 @pytest.mark.slow
-@pytest.mark.parametrize("bits, codebook, m, prefetch", [  # None: the default for m
-    (1, "mul1", 1, None), (2, "mul1", 1, None), (3, "mcg", 5, None), (4, "mul1", 1, None), (4, "mul1", 16, None),
-    (5, "3inst", 1, None), (5, "mul1", 16, None), (6, "mul1", 9, None), (7, "mul1", 1, None), (8, "mcg", 1, None),
-    (3, "mul1", 1, False), (8, "mul1", 16, True), (4, "mul1", 1, "timeline")])
-def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, prefetch):
+@pytest.mark.parametrize("bits, codebook, m, opts", [  # opts: tc_constexprs' options beyond the defaults
+    (1, "mul1", 1, {}), (2, "mul1", 1, {}), (3, "mcg", 5, {}), (4, "mul1", 1, {}), (4, "mul1", 16, {}),
+    (5, "3inst", 1, {}), (5, "mul1", 16, {}), (6, "mul1", 9, {}), (7, "mul1", 1, {}), (8, "mcg", 1, {}),
+    (3, "mul1", 1, {"prefetch": False}), (8, "mul1", 16, {"prefetch": True}), (4, "mul1", 1, {"timeline": True}),
+    (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2})])
+def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_registers, tc_constexprs
 
-    timeline = prefetch == "timeline"  # the diagnostic build of benchmarks/timeline_tc.py
-    kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1,
-                                            prefetch=None if timeline else prefetch, timeline=timeline))
+    kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1, **opts))
     ptx = kernel.asm["ptx"]
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
-    assert ("%globaltimer" in ptx) == timeline
+    assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build
+    assert ("cp.async" in ptx) == (opts.get("stages", 0) > 1)
     # Occupancy guard: at most 168 registers keeps 3 programs of 4 warps per SM (the timed defaults take
     # 96-167; more would drop to 2 and expose the loads' latency).
     regs = cubin_registers(kernel.asm["cubin"])
@@ -218,7 +218,8 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, prefetch):
 def test_tensor_core_lane_decode_replayed_in_torch(bits):
     """exl3_tc's index arithmetic, replayed in torch on one random tile: each lane's stream (first word,
     shift, the word pair and offset _state picks for each constant window offset) gives the format's
-    states, and the joins + A_PERM put weight (k, n) of every tile at row n, column k of the mma operand. (The GPU test checks the kernel itself.)"""
+    states, and the joins + A_PERM put weight (k, n) of every tile at row n, column k of the mma operand.
+    (The GPU test checks the kernel itself.)"""
     import numpy as np
 
     from trellm.kernels.exl3_tc import A_PERM
@@ -299,6 +300,26 @@ def test_tensor_core_gemv_matches_reference_on_gpu(k, n, m, bits, codebook):
     for programs in (3, 7):
         y2 = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32, programs=programs)
         assert (y2 - ref).abs().max() <= 6e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"stages": 2}, {"stages": 3}])
+@pytest.mark.parametrize("bits, codebook", [(3, "mcg"), (4, "mul1"), (6, "3inst"), (8, "mul1")])
+@pytest.mark.parametrize("m", [1, 9])
+def test_tensor_core_gemv_load_variants_on_gpu(opts, bits, codebook, m):
+    """Each way of bringing the words to the lanes (at the top of the iteration, one iteration ahead in
+    registers, cp.async stages through shared memory) on runs of 1 to many iterations."""
+    from trellm.kernels.exl3_tc import exl3_gemv_tc
+    from trellm.kernels.hadamard import had_in
+
+    lin, g = _tc_case(1664, 3000, bits, codebook, True, bits + m)
+    x = torch.randn(m, 1664, generator=g).cuda()
+    xh, xs = had_in(x, lin.suh)
+    ref = lin._forward_ref(x).float()
+    for programs in (None, 5, 100):
+        y = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, 3000, torch.float32, programs=programs,
+                         **opts)
+        assert (y - ref).abs().max() <= 6e-3 * ref.abs().max(), (opts, programs)
 
 
 @pytest.mark.gpu

@@ -31,11 +31,14 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import BM, _workspace, stream_k_plan
 
+# cp.async into shared memory: Triton 3.6 (the GPU machines) calls it async_copy_global_to_shared, newer
+# releases (this repository's CPU environment) async_load.
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
 # The decoded values' dimensions (a, r, w, t1, t0, j0, j1, j2) -> (A's rows: r, w, j2, t1 | its k: a, j1, t0, j0).
 A_PERM = gl.constexpr((1, 2, 7, 3, 0, 6, 4, 5))
@@ -51,9 +54,15 @@ def _state(s0, s1, s2, O: gl.constexpr):
 
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
-             TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr):
+             TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
+             STAGES: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
-    columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b))."""
+    columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
+
+    Words reach the lanes one of three ways: loaded at the top of their iteration; PREFETCH: loaded one
+    iteration ahead into registers; STAGES > 1: copied STAGES - 1 iterations ahead by cp.async into a
+    ring in shared memory, where each lane stages only its own words (so no barrier is needed) and the
+    registers stay free for more programs per SM."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -80,16 +89,36 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     # the mask, ran 1.7× slower on an H100: 37.9 against 22.6 µs at K = 4 on 4096→14336.)
     xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
-    if PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
-        w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, 0, TA * NT * W, 16 * TA, K)
+    step_w: gl.constexpr = TA * NT * W
+    if STAGES > 1:
+        NW: gl.constexpr = 3 if K > 4 else 2  # words per lane and tile
+        ring = gl.allocate_shared_memory(gl.int32, [STAGES * NW, TA, 2, 4, 32],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))  # per buffer
+        for s in gl.static_range(STAGES - 1):
+            _tc_stage(ring, p0, p1, p2, s, gl.minimum(s, n_iter - 1) * step_w, K)
+        xbn = gl.load(xp, mask=bm[None, :] < M, other=0.0)
+    elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
+        w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, 0, step_w, 16 * TA, K)
     for i in range(n_iter):
-        if PREFETCH:
+        # Loads past the span would read past the trellis: the last iterations reload their own rows.
+        nxt = gl.minimum(i + 1, n_iter - 1)
+        if STAGES > 1:
+            _tc_stage(ring, p0, p1, p2, (i + STAGES - 1) % STAGES, gl.minimum(i + STAGES - 1, n_iter - 1) * step_w,
+                      K)
+            async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
+            st = i % STAGES
+            w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
+            w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
+            w2 = w1
+            if K > 4:
+                w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
+            xb = xbn
+            xbn = gl.load(xp + nxt * 16 * TA, mask=bm[None, :] < M, other=0.0)
+        elif PREFETCH:
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
-            # The last iteration reloads its own words (L1 hits) rather than reading past the span.
-            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 1, n_iter - 1), TA * NT * W,
-                                           16 * TA, K)
+            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, nxt, step_w, 16 * TA, K)
         else:
-            w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, TA * NT * W, 16 * TA, K)
+            w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, 16 * TA, K)
         if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
             OFF0: gl.constexpr = (K + 16) % 32
             s0 = w0
@@ -117,6 +146,18 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
         acc = mma_v2(wa, xb, acc)
     return acc
+
+
+@gluon.jit
+def _tc_stage(ring, p0, p1, p2, stage, offset, K: gl.constexpr):
+    """cp.async of one iteration's words (at `offset` from the lane pointers) into ring stage `stage`, as
+    one commit group."""
+    NW: gl.constexpr = 3 if K > 4 else 2
+    _cp_async(ring.index(stage * NW), p0 + offset)
+    _cp_async(ring.index(stage * NW + 1), p1 + offset)
+    if K > 4:
+        _cp_async(ring.index(stage * NW + 2), p2 + offset)
+    async_copy.commit_group()
 
 
 @gluon.jit
@@ -184,7 +225,7 @@ def _exl3_tc_kernel(
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
-    TIMELINE: gl.constexpr,
+    STAGES: gl.constexpr, TIMELINE: gl.constexpr,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -217,7 +258,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH)
+                       PREFETCH, STAGES)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -266,7 +307,8 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None, prefetch: bool | None = None, timeline: bool = False) -> dict:
+                  ta: int | None = None, prefetch: bool | None = None, stages: int = 0,
+                  timeline: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
@@ -278,19 +320,20 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         # Loading iteration i + 1's words before decoding iteration i's (120-161 registers) timed 1-10 %
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
-        prefetch = m <= 8
-    assert kt % ta == 0 and 1 <= m <= BM
+        prefetch = m <= 8 and stages < 2
+    assert kt % ta == 0 and 1 <= m <= BM and not (prefetch and stages > 1)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                TIMELINE=timeline)
+                STAGES=stages, TIMELINE=timeline)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
-                 prefetch: bool | None = None, per_sm: int | None = None, programs: int | None = None,
-                 group_blocks: tuple[int, ...] = (), timeline: bool = False):
+                 prefetch: bool | None = None, stages: int = 0, per_sm: int | None = None,
+                 programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False):
     """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
-    on the tensor cores for every m; CUDA only (sm_80+). timeline=True (a diagnostic) returns (y, the
+    on the tensor cores for every m; CUDA only (sm_80+). stages >= 2 stages the words through shared memory
+    by cp.async (see _tc_span; not a default until timed). timeline=True (a diagnostic) returns (y, the
     kernel's per-program record [programs, 6] int64: SM, start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
@@ -305,8 +348,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    prefetch = m <= 8 if prefetch is None else prefetch
-    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, per_sm,
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, stages, per_sm,
            programs, groups > 1, timeline)
     plan = _PLANS.get(key)
 
@@ -318,7 +360,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               timeline)
+                               stages, timeline)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
@@ -334,8 +376,8 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 # benchmarks/sass_report.py); pointers and the strides a Llama shape has are 16-divisible.
 _SIGNATURE = {"x_ptr": "*fp16", "xsum_ptr": "*fp32", "tr_ptr": "*i32", "svh_ptr": "*fp16", "bias_ptr": "*fp16",
               "y_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "clk_ptr": "*i64", "M": "i32", "N": "i32",
-              "stride_xm": "i32", "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32", "MAXSEG": "i32",
-              "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32"}
+              "stride_xm": "i32", "stride_ym": "i32", "k_blocks": "i32", "CH": "i32", "U": "i32", "P": "i32",
+              "MAXSEG": "i32", "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32"}
 _DIVISIBLE = ("N", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
 
 
