@@ -72,14 +72,25 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        a = self.self_attn(self.attn_norm(h), cos, sin, backend)
+        h, m = self.forward_deferred(h, None, cos, sin, backend)
+        return h + m
+
+    def forward_deferred(self, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                         backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual h + pending, returning (residual, mlp output) without their sum: the
+        next layer's (or the final) norm adds it in its own kernel, saving one launch per layer."""
+        if pending is None:
+            x = self.attn_norm(h)
+        else:
+            h, x = self.attn_norm.add_norm(h, pending)
+        a = self.self_attn(x, cos, sin, backend)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         h, x = self.mlp_norm.add_norm(h, a)  # h + a and its norm (one kernel on CUDA)
         m = self.mlp(x)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
-        return h + m
+        return h, m
 
     def named_norms(self) -> dict[str, RMSNorm]:
         """Checkpoint tensor name (without '.weight') -> norm module."""
@@ -170,14 +181,15 @@ class DecoderModel(nn.Module):
         for the token rows in `select` (a flat batch needs logits only where sequences sample)."""
         h = self.embed(input_ids)
         rope = {t: r.cos_sin(positions, max_seq_len, h.dtype) for t, r in self.rotary.items()}
+        pending = None  # the last layer's mlp output, not yet added to h
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
-            h = layer(h, cos, sin, backend)
+            h, pending = layer.forward_deferred(h, pending, cos, sin, backend)
         if last_only:
-            h = h[:, -1:]
+            h, pending = h[:, -1:], pending[:, -1:]
         elif select is not None:
-            h = h[:, select]
-        logits = self.lm_head(self.norm(h))
+            h, pending = h[:, select], pending[:, select]
+        logits = self.lm_head(self.norm.add_norm(h, pending)[1])
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
