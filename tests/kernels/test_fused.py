@@ -81,3 +81,131 @@ def test_fused_kernels_interpreted():
 def test_fused_kernels_gpu():
     fails = check_all("cuda", [torch.float32, torch.bfloat16, torch.float16])
     assert fails == [], fails
+
+
+# ---- RoPE that also stores k and v into a paged cache -------------------------------------------------------
+STORE_CASES = [  # (hq, hk, head_dim, rotary_dim, tokens)
+    (6, 2, 64, 64, 1), (6, 2, 64, 64, 7), (4, 4, 80, 32, 1), (4, 4, 80, 32, 7), (6, 2, 80, 80, 7), (5, 1, 24, 12, 3),
+]
+
+
+def store_case(g: torch.Generator, hq: int, hk: int, d: int, rd: int, t: int, dt, device: str, pages: int = 5,
+               page_size: int = 4):
+    """q/k/v as slices of one fused projection [1, t, (hq + 2 hk) d]; cos/sin [1, t, rd]; caches
+    [pages, page_size, hk, d] full of old values; t distinct slots scattered over the pages in random order."""
+    qkv = torch.randn(1, t, (hq + 2 * hk) * d, generator=g).to(dt).to(device)
+    q = qkv[..., : hq * d].view(1, t, hq, d)
+    k = qkv[..., hq * d : (hq + hk) * d].view(1, t, hk, d)
+    v = qkv[..., (hq + hk) * d :].view(1, t, hk, d)
+    ang = torch.randn(1, t, rd // 2, generator=g) * 3
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dt).to(device)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(dt).to(device)
+    kc = torch.randn(pages, page_size, hk, d, generator=g).to(dt).to(device)
+    vc = torch.randn(pages, page_size, hk, d, generator=g).to(dt).to(device)
+    slots = torch.randperm(pages * page_size, generator=g)[:t].to(device)
+    return qkv, q, k, v, cos, sin, kc, vc, slots
+
+
+def check_rope_store(device: str, dtypes) -> list:
+    """apply_rope_qk with a cache destination against RoPE + index_copy_: q, k and both caches (old rows
+    included), bit for bit; returns the failures."""
+    from trellm.kernels.fused import apply_rope_qk
+    from trellm.layers.rope import apply_rope
+
+    g = torch.Generator().manual_seed(1)
+    fails = []
+    for dt in dtypes:
+        for hq, hk, d, rd, t in STORE_CASES:
+            what = (str(dt), hq, hk, d, rd, t)
+            qkv, q, k, v, cos, sin, kc, vc, slots = store_case(g, hq, hk, d, rd, t, dt, device)
+            refs = []
+            # The kernel without a destination is the exact reference everywhere. torch's RoPE is one too
+            # except on a GPU (FMA contraction, 1-2 ulp: see check_all) and in bf16 under the interpreter,
+            # whose fp32 -> bf16 casts truncate instead of rounding to nearest.
+            torch_exact = device == "cpu" and dt != torch.bfloat16
+            for rotate in ("torch", "kernel") if torch_exact else ("kernel",):
+                rq, rk = q.clone(), k.clone()
+                if rotate == "torch":
+                    rq, rk = apply_rope(rq, cos, sin), apply_rope(rk, cos, sin)
+                else:
+                    rq, rk = apply_rope_qk(rq, rk, cos, sin)
+                rkc, rvc = kc.clone(), vc.clone()
+                rkc.view(-1, hk, d).index_copy_(0, slots, rk[0])
+                rvc.view(-1, hk, d).index_copy_(0, slots, v[0])
+                refs.append((rotate, rq, rk, rkc, rvc))
+            before = v.clone()
+            fq, fk = apply_rope_qk(q, k, cos, sin, v=v, store=(kc.view(-1, hk, d), vc.view(-1, hk, d), slots))
+            if fq.data_ptr() != qkv.data_ptr():
+                fails.append(("q not rotated in place", what))
+            if not torch.equal(v, before):
+                fails.append(("v changed", what))
+            for rotate, rq, rk, rkc, rvc in refs:
+                for name, got, want in [("q", fq, rq), ("k", fk, rk), ("k cache", kc, rkc), ("v cache", vc, rvc)]:
+                    if not torch.equal(got, want):
+                        fails.append((name, rotate, what, (got.float() - want.float()).abs().max().item()))
+    return fails
+
+
+def check_paged_step(device: str, dt) -> list:
+    """Two steps of a paged batch (prefill chunks, then chunks and decode tokens) through PagedStep.attend:
+    the kernel storing k/v (kv_stored=True) against attend's own writes; outputs and caches bit for bit."""
+    from types import SimpleNamespace
+
+    from trellm.cache.paged import PagedKVCache, Segment
+    from trellm.kernels.fused import apply_rope_qk
+    from trellm.layers.attention import AttentionParams
+
+    g = torch.Generator().manual_seed(2)
+    fails = []
+    for hq, hk, d, rd in [(6, 2, 64, 64), (4, 4, 80, 32)]:
+        cfg = SimpleNamespace(num_layers=2, num_kv_heads=hk, head_dim=d)
+        caches = [PagedKVCache(cfg, num_pages=12, page_size=4, device=device, dtype=dt) for _ in range(2)]
+        order = torch.randperm(12, generator=g).tolist()
+        pages = [order[0:4], order[4:8], order[8:12]]  # 16 positions per sequence, pages shuffled
+        params = AttentionParams(scale=d**-0.5, window=None, softcap=None)
+        done = [0, 0, 0]
+        for plan in ([(0, 7), (1, 3), (2, 1)], [(0, 1), (1, 6), (2, 1)]):
+            segs, offset = [], 0
+            for s, n in plan:
+                segs.append(Segment(offset, done[s], n, pages[s]))
+                offset += n
+                done[s] += n
+            for layer in range(2):
+                _, q, k, v, cos, sin, *_ = store_case(g, hq, hk, d, rd, offset, dt, device)
+                outs = []
+                for fused, cache in zip((False, True), caches):
+                    step = cache.step(segs)
+                    fq, fk = q.clone(), k.clone()
+                    if fused:
+                        fq, fk = apply_rope_qk(fq, fk, cos, sin, v=v, store=step.kv_destination(layer))
+                        outs.append(step.attend(layer, fq, fk, v, params, kv_stored=True))
+                    else:
+                        fq, fk = apply_rope_qk(fq, fk, cos, sin)
+                        outs.append(step.attend(layer, fq, fk, v, params))
+                what = (str(dt), hq, hk, d, rd, layer, tuple(plan))
+                if not torch.equal(outs[0], outs[1]):
+                    fails.append(("attention output", what))
+                if not (torch.equal(caches[0].k[layer], caches[1].k[layer])
+                        and torch.equal(caches[0].v[layer], caches[1].v[layer])):
+                    fails.append(("cache", what))
+    return fails
+
+
+STORE_SCRIPT = textwrap.dedent("""
+    import torch
+    from tests.kernels.test_fused import check_paged_step, check_rope_store
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    print("FAILS", check_rope_store("cpu", dtypes) + [f for dt in dtypes[:2] for f in check_paged_step("cpu", dt)])
+""")
+
+
+def test_rope_store_interpreted():
+    out = run_interpreted(STORE_SCRIPT)
+    assert out.strip().endswith("FAILS []"), out[-2000:]
+
+
+@pytest.mark.gpu
+def test_rope_store_gpu():
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    fails = check_rope_store("cuda", dtypes) + [f for dt in dtypes for f in check_paged_step("cuda", dt)]
+    assert fails == [], fails

@@ -9,8 +9,9 @@ One forward pass computes a flat batch: the chunks of several sequences (prompt 
 single decode tokens) concatenated along the token axis, B = 1. A `PagedStep` describes that
 batch with device tensors — each token's cache slot, each sequence's page row, first position
 and query rows — so that the same step object can live inside a CUDA graph. For each layer it
-writes the new keys and values into their slots and attends over every sequence's prefix: the
-Triton kernel (kernels/paged_attention.py) on GPUs, the torch reference elsewhere.
+writes the new keys and values into their slots (or, on GPUs, lets the layer's RoPE kernel write
+them: `kv_destination`) and attends over every sequence's prefix: the Triton kernel
+(kernels/paged_attention.py) on GPUs, the torch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trellm.layers.attention import AttentionParams, attention_mask, attention_ref
+from trellm.layers.attention import AttentionParams, KVDestination, attention_mask, attention_ref
 from trellm.models.config import ModelConfig
 
 
@@ -111,12 +112,19 @@ class PagedStep:
         self._masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
         self._reads: list[torch.Tensor] = []
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               params: AttentionParams) -> torch.Tensor:
-        """q [1, T, H, D], k/v [1, T, Hkv, D] of the flat batch -> [1, T, H, D]."""
+    def kv_destination(self, layer_idx: int) -> KVDestination:
+        """The layer's caches as rows [pages · page_size, Hkv, D] and each token's row (its slot)."""
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [pages, page_size, Hkv, D]
-        kc.view(-1, *k.shape[2:]).index_copy_(0, self.slots, k[0])
-        vc.view(-1, *v.shape[2:]).index_copy_(0, self.slots, v[0])
+        return KVDestination(kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:]), self.slots)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               params: AttentionParams, *, kv_stored: bool = False) -> torch.Tensor:
+        """q [1, T, H, D], k/v [1, T, Hkv, D] of the flat batch -> [1, T, H, D]; kv_stored: the caller
+        already wrote k and v to kv_destination(layer_idx)."""
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [pages, page_size, Hkv, D]
+        if not kv_stored:
+            kc.view(-1, *k.shape[2:]).index_copy_(0, self.slots, k[0])
+            vc.view(-1, *v.shape[2:]).index_copy_(0, self.slots, v[0])
         if self.use_kernel:
             from trellm.kernels.paged_attention import paged_attention
 

@@ -1,4 +1,5 @@
-"""Fused small ops of the decoder: RMSNorm (with the residual add before it), RoPE on q and k, act(gate)·up.
+"""Fused small ops of the decoder: RMSNorm (with the residual add before it), RoPE on q and k (optionally
+storing k and v into a paged KV cache in the same pass), act(gate)·up.
 
 In a decode step each of these is a handful of tiny torch kernels per layer (a norm alone is six);
 at batch 1 their launches cost more than the work. Each function here is one kernel that rounds
@@ -69,8 +70,9 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, HQ, HK, stride_qt, stride_kt, stride_ct,
-                 D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, HQ, HK, stride_qt, stride_kt,
+                 stride_ct, stride_vt, stride_cache, D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                 BLOCK_H: tl.constexpr, STORE_KV: tl.constexpr, TAIL_PAD: tl.constexpr, D_PAD: tl.constexpr):
     t = tl.program_id(0)
     heads = tl.arange(0, BLOCK_H)
     i = tl.arange(0, HALF_PAD)
@@ -79,6 +81,8 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, HQ, HK, stride_qt, stride_kt, s
     c2 = tl.load(cos_ptr + t * stride_ct + HALF + i, mask=i_ok).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + t * stride_ct + i, mask=i_ok).to(tl.float32)[None, :]
     s2 = tl.load(sin_ptr + t * stride_ct + HALF + i, mask=i_ok).to(tl.float32)[None, :]
+    if STORE_KV:
+        row = tl.load(slots_ptr + t).to(tl.int64) * stride_cache  # int64: a layer's cache may pass 2^31 elements
     for which in tl.static_range(2):
         if which == 0:
             ptr, nh, stride = q_ptr, HQ, stride_qt
@@ -96,15 +100,40 @@ def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, HQ, HK, stride_qt, stride_kt, s
             b1 = (-x2.to(tl.float32) * s1).to(ty).to(tl.float32)
             a2 = (x2.to(tl.float32) * c2).to(ty).to(tl.float32)
             b2 = (x1.to(tl.float32) * s2).to(ty).to(tl.float32)
-            tl.store(p, (a1 + b1).to(ty), mask=ok)
-            tl.store(p + HALF, (a2 + b2).to(ty), mask=ok)
+            y1, y2 = (a1 + b1).to(ty), (a2 + b2).to(ty)
+            tl.store(p, y1, mask=ok)
+            tl.store(p + HALF, y2, mask=ok)
+            if STORE_KV and which == 1:
+                pc = kc_ptr + row + h[:, None] * D + i[None, :]
+                tl.store(pc, y1, mask=ok)
+                tl.store(pc + HALF, y2, mask=ok)
+                if TAIL_PAD > 0:  # partial rotary: the channels past rotary_dim go to the cache unrotated
+                    j = 2 * HALF + tl.arange(0, TAIL_PAD)
+                    tail = (h < nh)[:, None] & (j < D)[None, :]
+                    x = tl.load(ptr + t * stride + h[:, None] * D + j[None, :], mask=tail)
+                    tl.store(kc_ptr + row + h[:, None] * D + j[None, :], x, mask=tail)
+    if STORE_KV:
+        d = tl.arange(0, D_PAD)
+        for h0 in range(0, HK, BLOCK_H):
+            h = h0 + heads
+            ok = (h < HK)[:, None] & (d < D)[None, :]
+            x = tl.load(v_ptr + t * stride_vt + h[:, None] * D + d[None, :], mask=ok)
+            tl.store(vc_ptr + row + h[:, None] * D + d[None, :], x, mask=ok)
 
 
-def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                  v: torch.Tensor | None = None,
+                  store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate the first rotary_dim channels of q [.., T, Hq, D] and k [.., T, Hk, D] by cos/sin
     [.., T, rotary_dim] (model dtype); in place where each is a view of unit-stride head rows (fresh
-    projections), else on a contiguous copy. Returns the rotated (q, k)."""
+    projections), else on a contiguous copy. Returns the rotated (q, k).
+
+    With `store` = (k_rows, v_rows, slots) — a KV cache seen as rows [R, Hk, D] and one row index per
+    token [T] — the same launch also writes each token's rotated k and its v [.., T, Hk, D] into row
+    slots[t] of k_rows / v_rows, as `index_copy_` would: a paged cache then needs no kernels of its own
+    to take a step's keys and values. Slots must be distinct except on rows whose contents nobody reads
+    (padding), where which token lands last is unspecified, as with `index_copy_`."""
     d, rd = q.shape[-1], cos.shape[-1]
 
     def rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +147,24 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     k, k2 = rows(k)
     c2, s2 = cos.reshape(-1, rd).contiguous(), sin.reshape(-1, rd).contiguous()
     hq, hk = q2.shape[1], k2.shape[1]
-    _rope_kernel[(q2.shape[0],)](q2, k2, c2, s2, hq, hk, q2.stride(0), k2.stride(0), c2.stride(0), D=d, HALF=rd // 2,
+    if store is not None:
+        assert v is not None, "storing into a KV cache needs v"
+        kc, vc, slots = store
+        v2 = rows(v)[1]
+        assert v2.shape == k2.shape, "v must have k's shape"
+        assert slots.shape == (k2.shape[0],), "one cache slot per token"
+        for c in (kc, vc):
+            assert c.shape[1:] == (hk, d) and c.stride(2) == 1 and c.stride(1) == d, "cache rows [R, Hk, D]"
+            assert c.dtype == k2.dtype, "the cache must have the model dtype"
+        assert kc.stride(0) == vc.stride(0), "k and v caches must share a layout"
+    else:  # never read: STORE_KV=False compiles the stores out
+        v2 = kc = vc = slots = k2
+    _rope_kernel[(q2.shape[0],)](q2, k2, c2, s2, v2, kc, vc, slots, hq, hk, q2.stride(0), k2.stride(0),
+                                 c2.stride(0), v2.stride(0), kc.stride(0), D=d, HALF=rd // 2,
                                  HALF_PAD=triton.next_power_of_2(rd // 2),
-                                 BLOCK_H=min(16, triton.next_power_of_2(max(hq, hk))))
+                                 BLOCK_H=min(16, triton.next_power_of_2(max(hq, hk))), STORE_KV=store is not None,
+                                 TAIL_PAD=triton.next_power_of_2(d - rd) if rd < d else 0,
+                                 D_PAD=triton.next_power_of_2(d))
     return q, k
 
 

@@ -4,13 +4,18 @@ The layer projects q/k/v, applies q/k norms and RoPE, and hands q/k/v to an
 `AttentionBackend`, which owns the KV cache: it stores this step's keys and values
 and attends over everything cached for each sequence. The simple contiguous cache
 (cache/contiguous.py) and the paged, batched cache of the generator implement the
-same two-method interface, so the model code does not change between them.
+same interface, so the model code does not change between them.
+
+A backend may also offer `kv_destination` (`KVStoringBackend`): the cache rows this
+layer's new keys and values belong in. On GPUs the layer's RoPE kernel then writes them
+there itself and the backend is told (`kv_stored=True`) to skip its own cache writes,
+which in a decode step are launches that cost more than the copies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +36,34 @@ class AttentionParams:
     softcap: float | None  # logit soft-capping (Gemma 2), None = off
 
 
+class KVDestination(NamedTuple):
+    """Where one layer's new keys and values go: token t's k/v [Hkv, D] into row slots[t] of k/v."""
+
+    k: torch.Tensor  # [rows, num_kv_heads, head_dim], a view of the layer's key cache
+    v: torch.Tensor  # [rows, num_kv_heads, head_dim], a view of the layer's value cache
+    slots: torch.Tensor  # [num_tokens] integer row indices
+
+
 class AttentionBackend(Protocol):
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams
     ) -> torch.Tensor:
         """q [B, T, H, D], k/v [B, T, Hkv, D] of the tokens of this step -> output [B, T, H, D]."""
+        ...
+
+
+class KVStoringBackend(AttentionBackend, Protocol):
+    """A backend whose cache the layer may fill itself (optional: the layer looks for kv_destination)."""
+
+    def kv_destination(self, layer_idx: int) -> KVDestination | None:
+        """Where this layer's new keys and values go, or None to have attend store them."""
+        ...
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, *,
+        kv_stored: bool = False,
+    ) -> torch.Tensor:
+        """As AttentionBackend.attend; kv_stored: k and v are already at kv_destination(layer_idx)."""
         ...
 
 
@@ -131,11 +159,17 @@ class Attention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        dest = None
         if q.is_cuda:
             from trellm.kernels.fused import apply_rope_qk
 
-            q, k = apply_rope_qk(q, k, cos, sin)  # one kernel
+            where = getattr(backend, "kv_destination", None)
+            dest = where(self.layer_idx) if where is not None else None
+            q, k = apply_rope_qk(q, k, cos, sin, v=v, store=dest)  # one kernel, the cache writes included
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = backend.attend(self.layer_idx, q, k, v, self.params)  # [B, T, H, D]
+        if dest is not None:
+            out = backend.attend(self.layer_idx, q, k, v, self.params, kv_stored=True)  # [B, T, H, D]
+        else:  # backends without kv_destination need not know the keyword
+            out = backend.attend(self.layer_idx, q, k, v, self.params)  # [B, T, H, D]
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
