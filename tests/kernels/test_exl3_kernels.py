@@ -38,6 +38,17 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
     a, sa = had_in(x, suh); b, sb = had_in_ref(x, suh)
     if (a.float() - b.float()).abs().max() > 4e-3 * b.float().abs().max(): fails.append(("had_in",))
     if (sa - sb).abs().max() > 1e-2 * sb.abs().max(): fails.append(("had_in sums",))
+    from trellm.kernels import hadamard
+    hadamard.HAD_IN = "fwht"  # the butterfly form, fp32 like the reference: within one fp16 rounding
+    for m in (1, 5, 17):
+        x = torch.randn(m, 200, generator=g).to(torch.bfloat16)
+        suh2 = torch.randn(2, 256, generator=g).half()
+        a, sa = had_in(x, suh2)
+        for gi in range(2):
+            b, sb = had_in_ref(x, suh2[gi])
+            if (a[gi].float() - b.float()).abs().max() > 1e-3 * b.float().abs().max(): fails.append(("fwht", m, gi))
+            if (sa[gi] - sb).abs().max() > 1e-3 * sb.abs().max(): fails.append(("fwht sums", m, gi))
+    hadamard.HAD_IN = "dot"
     y = torch.randn(3, 384, generator=g); svh = torch.randn(384, generator=g).half(); bias = torch.randn(300, generator=g).half()
     if (had_out(y, svh, bias, 300, torch.float32) - had_out_ref(y, svh, bias, 300, torch.float32)).abs().max() > 1e-3:
         fails.append(("had_out",))

@@ -11,6 +11,8 @@ costs one launch whatever the shape. `*_ref` are the same functions in torch.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +20,11 @@ import triton.language as tl
 from trellm.quant.exl3_format import had128, hadamard_matrix
 
 _H_CACHE: dict[torch.device, torch.Tensor] = {}
+# had_in's form: "dot" (x ⊙ suh rounded to fp16, one tensor-core product with H per [16, 128] block) or
+# "fwht" (butterflies in fp32, blocks of min(16, m) rows). For A/B timing; dot is the one timed so far.
+HAD_IN = os.environ.get("TRELLM_HAD_IN", "dot")
+if HAD_IN not in ("dot", "fwht"):
+    raise ValueError(f"TRELLM_HAD_IN={HAD_IN!r}: expected dot or fwht")
 
 
 def hadamard_128(device: torch.device) -> torch.Tensor:
@@ -47,19 +54,41 @@ def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride
 
 
 @triton.jit
-def had_out_store(y, rows, cols, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
-    """Store had128(y) ⊙ svh (+ bias) for a [rows, 128-column block] of y' (fp32): the output side of
-    every EXL3 matmul, shared by had_out and the fused GEMV's epilogue."""
-    # A fast Walsh-Hadamard transform in registers (7 butterfly stages over the column bits), not a
-    # matmul against H: no 64 KB matrix to load or stage in shared memory, which would cap how many
-    # GEMV programs fit on an SM. Sylvester order: bit b of the column pairs (c, c ^ 2^b).
+def _fwht128(y):
+    """Unnormalised 128-point Walsh-Hadamard transform of each row of y [R, 128] (fp32) in registers:
+    7 butterfly stages over the column bits (Sylvester order: bit b pairs columns c and c ^ 2^b)."""
     R: tl.constexpr = y.shape[0]
     v = tl.reshape(y, (R, 2, 2, 2, 2, 2, 2, 2))  # column bits 6 .. 0
     for _ in tl.static_range(7):
         lo, hi = tl.split(v)  # the last dimension: the current bit
         v = tl.permute(tl.join(lo + hi, lo - hi), (0, 7, 1, 2, 3, 4, 5, 6))  # next bit last
+    return tl.reshape(v, (R, 128))
+
+
+@triton.jit
+def _had_in_fwht_kernel(x_ptr, suh_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr):
+    """had_in by butterflies in fp32 instead of a product with H: no 32 KB matrix per program, and BM
+    may be as small as the batch (1 row at m = 1)."""
+    pid_m, pid_k, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :],
+                mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+    xs = x.to(tl.float32) * tl.load(suh_ptr + grp * K_PAD + cols).to(tl.float32)
+    y = (_fwht128(xs) * 0.08838834764831845).to(tl.float16)  # 128^-1/2
+    tl.store(out_ptr + grp * M * stride_om + rows[:, None] * stride_om + cols[None, :], y, mask=rows[:, None] < M)
+    kb = tl.num_programs(1)
+    tl.store(sums_ptr + (grp * M + rows) * kb + pid_k, tl.sum(y.to(tl.float32), axis=1), mask=rows < M)
+
+
+@triton.jit
+def had_out_store(y, rows, cols, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    """Store had128(y) ⊙ svh (+ bias) for a [rows, 128-column block] of y' (fp32): the output side of
+    every EXL3 matmul, shared by had_out and the fused GEMV's epilogue."""
+    # A fast Walsh-Hadamard transform in registers, not a matmul against H: no 64 KB matrix to load or
+    # stage in shared memory, which would cap how many GEMV programs fit on an SM.
     scale = tl.load(svh_ptr + cols).to(tl.float32) * 0.08838834764831845  # 128^-1/2
-    z = tl.reshape(v, (R, 128)) * scale[None, :]
+    z = _fwht128(y) * scale[None, :]
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], z.to(out_ptr.dtype.element_ty),
@@ -88,8 +117,13 @@ def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     groups = suh.shape[:-1]
     out = torch.empty(*groups, m, k_pad, device=x.device, dtype=torch.float16)
     sums = torch.empty(*groups, m, k_pad // 128, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, 16), k_pad // 128, suh.numel() // k_pad)
-    _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, k_pad, x.stride(0), k_pad, BM=16)
+    if HAD_IN == "fwht":
+        bm = min(16, triton.next_power_of_2(m))
+        grid = (triton.cdiv(m, bm), k_pad // 128, suh.numel() // k_pad)
+        _had_in_fwht_kernel[grid](x, suh, out, sums, m, k, k_pad, x.stride(0), k_pad, BM=bm)
+    else:
+        grid = (triton.cdiv(m, 16), k_pad // 128, suh.numel() // k_pad)
+        _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, k_pad, x.stride(0), k_pad, BM=16)
     return out, sums
 
 
