@@ -15,9 +15,11 @@ Compared with exl3_gemv's FMA body (m = 1: decode, 2^23 subtraction and FFMA per
 the FADD and FFMA per weight for half a PRMT (packing two halves) and an eighth of an HMMA; compared
 with its m = 2..16 tensor-core body it drops the shared-memory round trip of every decoded weight.
 Counted in Triton 3.6's sm_90 code (benchmarks/sass_report.py --kind tc): K = 4 → 4.83 instructions
-per weight in the K-loop at m = 1 against 5.79, 5.44 at m = 16 against 7.56. Timed on an H100
-(4096→14336, K = 4; benchmarks/RESULTS.md): m = 1 22.6 µs (exl3_gemv 23.8), m = 8 24.0 µs (50.5),
-m = 16 32.6 µs (51.1).
+per weight in the K-loop at m = 1 against 5.79 (5.30 with the default register prefetch, whose
+loop-carried copies cost moves). Timed on an H100 (4096→14336, K = 4; benchmarks/RESULTS.md): m = 4
+23.7 µs (exl3_gemv 61.1), m = 16 27.7-29.3 µs (61.5); at m = 1 within ±5 % of exl3_gemv, which the
+dispatch keeps there. Nsight Compute finds both kernels latency-bound (4 warps per scheduler waiting
+on their loads; no pipe above 55 %), hence the load variants below.
 
 Work is scheduled stream-K exactly as in exl3_gemv (same units, owners, workspace and deterministic
 slot-order reduction); the epilogue (mul1 affine, output Hadamard as butterflies in registers, svh,
@@ -61,8 +63,8 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
 
     Words reach the lanes one of three ways: loaded at the top of their iteration; PREFETCH: loaded one
     iteration ahead into registers; STAGES > 1: copied STAGES - 1 iterations ahead by cp.async into a
-    ring in shared memory, where each lane stages only its own words (so no barrier is needed) and the
-    registers stay free for more programs per SM."""
+    ring in shared memory, each lane staging only its own words, so that the registers stay free for
+    more programs per SM (Triton still places 3-4 bar.sync per iteration around the ring)."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
