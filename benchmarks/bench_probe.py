@@ -20,7 +20,7 @@ import torch
 from bench_e2e import PRESETS
 from bench_server import write_word_tokenizer
 from trellm.models.loader import load_model
-from trellm.quant.convert.job import ConvertArgs, _sensitivities
+from trellm.quant.convert.job import ConvertArgs, _matmul_tf32, _sensitivities
 from trellm.quant.convert.sensitivity import COLS, ROWS
 from trellm.quant.exl3_writer import write_random_exl3_model
 
@@ -54,7 +54,8 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        sens = _sensitivities(model, ids, conv, batch=8)
+        with _matmul_tf32(conv.tf32):  # as `trellm convert` runs it (the default: TF32 matmuls)
+            sens = _sensitivities(model, ids, conv, batch=8)
         times[n] = time.perf_counter() - t
         assert len(sens) == 7 * n
     (la, ha), (lb, hb) = passes(args.layers // 2), passes(args.layers)
