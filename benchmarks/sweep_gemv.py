@@ -9,7 +9,8 @@ resources allow, and d = per-thread ("direct") loads of the words, p = direct lo
 iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8x2x1d. A config `tc` is the
 tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), `tc4` / `tc8` with 4 / 8,
 `tc8x2` with 2 programs per SM instead of the resident count, `tc8p` / `tc4p` with the next iteration's
-words and x rows loaded before the current ones are decoded (`n`: without; neither: the default for m),
+words and x rows loaded before the current ones are decoded (`q`: the same in two alternating register
+sets; `n`: without; none: the default for m),
 `tcns3` with the words staged three iterations deep through shared memory by cp.async.
 """
 
@@ -61,12 +62,14 @@ def main() -> None:
                     if config.startswith("tc"):
                         from trellm.kernels.exl3_tc import exl3_gemv_tc
 
-                        ta_s, pf, st, per_sm_s = re.fullmatch(r"tc(\d*)([pn]?)(?:s(\d))?(?:x(\d+))?", config).groups()
+                        ta_s, pf, st, per_sm_s = re.fullmatch(r"tc(\d*)([pnq]?)(?:s(\d))?(?:x(\d+))?", config).groups()
 
                         def fn(lay, ta=int(ta_s) if ta_s else None, per_sm=int(per_sm_s) if per_sm_s else None,
-                               prefetch={"p": True, "n": False}.get(pf), stages=int(st or 0)):
+                               prefetch={"p": True, "q": True, "n": False}.get(pf), pingpong=pf == "q",
+                               stages=int(st or 0)):
                             return exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16,
-                                                ta=ta, per_sm=per_sm, prefetch=prefetch, stages=stages)
+                                                ta=ta, per_sm=per_sm, prefetch=prefetch, pingpong=pingpong,
+                                                stages=stages)
                         report(k, n, bits, m, config, fn, layers, ref, args.probe)
                         continue
                     loads = config[-1] if config[-1] in "dp" else ""

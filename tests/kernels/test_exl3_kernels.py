@@ -209,7 +209,8 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (1, "mul1", 1, {}), (2, "mul1", 1, {}), (3, "mcg", 5, {}), (4, "mul1", 1, {}), (4, "mul1", 16, {}),
     (5, "3inst", 1, {}), (5, "mul1", 16, {}), (6, "mul1", 9, {}), (7, "mul1", 1, {}), (8, "mcg", 1, {}),
     (3, "mul1", 1, {"prefetch": False}), (8, "mul1", 16, {"prefetch": True}), (4, "mul1", 1, {"timeline": True}),
-    (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2})])
+    (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2}),
+    (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_registers, tc_constexprs
 
@@ -314,12 +315,14 @@ def test_tensor_core_gemv_matches_reference_on_gpu(k, n, m, bits, codebook):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"stages": 2}, {"stages": 3}])
+@pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"prefetch": True, "pingpong": True},
+                                  {"stages": 2}, {"stages": 3}])
 @pytest.mark.parametrize("bits, codebook", [(3, "mcg"), (4, "mul1"), (6, "3inst"), (8, "mul1")])
 @pytest.mark.parametrize("m", [1, 9])
 def test_tensor_core_gemv_load_variants_on_gpu(opts, bits, codebook, m):
     """Each way of bringing the words to the lanes (at the top of the iteration, one iteration ahead in
-    registers, cp.async stages through shared memory) on runs of 1 to many iterations."""
+    registers, in two alternating register sets, cp.async stages through shared memory) on runs of 1 to
+    many iterations (odd and even counts)."""
     from trellm.kernels.exl3_tc import exl3_gemv_tc
     from trellm.kernels.hadamard import had_in
 

@@ -57,14 +57,15 @@ def _state(s0, s1, s2, O: gl.constexpr):
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
              TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
-             STAGES: gl.constexpr):
+             PINGPONG: gl.constexpr, STAGES: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
 
     Words reach the lanes one of three ways: loaded at the top of their iteration; PREFETCH: loaded one
-    iteration ahead into registers; STAGES > 1: copied STAGES - 1 iterations ahead by cp.async into a
-    ring in shared memory, each lane staging only its own words, so that the registers stay free for
-    more programs per SM (Triton still places 3-4 bar.sync per iteration around the ring)."""
+    iteration ahead into registers (PINGPONG: in two alternating register sets); STAGES > 1: copied
+    STAGES - 1 iterations ahead by cp.async into a ring in shared memory, each lane staging only its own
+    words, so that the registers stay free for more programs per SM (Triton still places 3-4 bar.sync
+    per iteration around the ring)."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -99,55 +100,79 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         for s in gl.static_range(STAGES - 1):
             _tc_stage(ring, p0, p1, p2, s, gl.minimum(s, n_iter - 1) * step_w, K)
         xbn = gl.load(xp, mask=bm[None, :] < M, other=0.0)
+    if PREFETCH and PINGPONG:
+        # Iteration i decodes words loaded during iteration i - 1, two iterations per trip alternating
+        # two register sets, so that no loaded word is copied (a single set carried across trips costs
+        # ~60 moves per iteration at K = 4: 5.30 against 4.93 instructions per weight; 166 against 159
+        # registers, 180 at K = 8).
+        wa0, wa1, wa2, xba = _tc_loads(p0, p1, p2, xp, bm, M, 0, step_w, 16 * TA, K)
+        for i in range(0, n_iter - 1, 2):
+            wb0, wb1, wb2, xbb = _tc_loads(p0, p1, p2, xp, bm, M, i + 1, step_w, 16 * TA, K)
+            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
+            # Past the span the loads would leave the trellis: the last trip reloads its own rows.
+            wa0, wa1, wa2, xba = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 2, n_iter - 1), step_w, 16 * TA, K)
+            acc = _tc_mma(wb0, wb1, wb2, xbb, acc, off, K, TA, CODEBOOK, a_layout)
+        if n_iter % 2 == 1:
+            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
     elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
         w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, 0, step_w, 16 * TA, K)
-    for i in range(n_iter):
-        # Loads past the span would read past the trellis: the last iterations reload their own rows.
-        nxt = gl.minimum(i + 1, n_iter - 1)
-        if STAGES > 1:
-            _tc_stage(ring, p0, p1, p2, (i + STAGES - 1) % STAGES, gl.minimum(i + STAGES - 1, n_iter - 1) * step_w,
-                      K)
-            async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
-            st = i % STAGES
-            w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
-            w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
-            w2 = w1
-            if K > 4:
-                w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
-            xb = xbn
-            xbn = gl.load(xp + nxt * 16 * TA, mask=bm[None, :] < M, other=0.0)
-        elif PREFETCH:
+        for i in range(n_iter):
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
-            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, nxt, step_w, 16 * TA, K)
-        else:
-            w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, 16 * TA, K)
-        if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
-            OFF0: gl.constexpr = (K + 16) % 32
-            s0 = w0
-            s1 = w1
-            s2 = w2
-        else:  # shift the lane's stream to bit 0 so that every window's offset is a constant
-            OFF0: gl.constexpr = 0
-            s0 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w0, w1, off],
-                                           dtype=gl.uint32, is_pure=True, pack=1)
-            s1 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w1, w2, off],
-                                           dtype=gl.uint32, is_pure=True, pack=1)
-            s2 = w2 << off
-        vals = ()
-        for j in gl.static_range(8):
-            vals = vals + (_codebook(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK, True, True),)
-        # Registers j = j0 + 2·j1 + 4·j2 become new minor dimensions; join appends its new dimension
-        # last, so they come out as (j0, j1, j2).
-        q = (gl.join(vals[0], vals[1]), gl.join(vals[2], vals[3]), gl.join(vals[4], vals[5]),
-             gl.join(vals[6], vals[7]))
-        v = gl.join(gl.join(q[0], q[1]), gl.join(q[2], q[3]))  # [TA, 2 r, 4 w, 32 t, 2 j0, 2 j1, 2 j2]
-        v = gl.reshape(v, [TA, 2, 4, 8, 4, 2, 2, 2])  # t = t0 + 4·t1 -> (t1, t0)
-        # A's rows (output columns) 16(w + 4r) + 8·j2 + t1; its k (input rows) 16a + 8·j1 + 2·t0 + j0
-        # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
-        v = gl.permute(v, A_PERM.value)
-        wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
-        acc = mma_v2(wa, xb, acc)
+            # Past the span the loads would leave the trellis: the last iteration reloads its own rows.
+            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 1, n_iter - 1), step_w, 16 * TA, K)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
+    else:
+        for i in range(n_iter):
+            if STAGES > 1:
+                # Past the span the copies would leave the trellis: the last ones repeat the final rows.
+                _tc_stage(ring, p0, p1, p2, (i + STAGES - 1) % STAGES,
+                          gl.minimum(i + STAGES - 1, n_iter - 1) * step_w, K)
+                async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
+                st = i % STAGES
+                w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
+                w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
+                w2 = w1
+                if K > 4:
+                    w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
+                xb = xbn
+                xbn = gl.load(xp + gl.minimum(i + 1, n_iter - 1) * 16 * TA, mask=bm[None, :] < M, other=0.0)
+            else:
+                w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, 16 * TA, K)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
     return acc
+
+
+@gluon.jit
+def _tc_mma(w0, w1, w2, xb, acc, off, K: gl.constexpr, TA: gl.constexpr, CODEBOOK: gl.constexpr,
+            a_layout: gl.constexpr):
+    """One iteration: decode the lane's words w0 w1 w2 (its stream from bit `off` of w0) into the A
+    operand and multiply by the x rows xb into acc."""
+    if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
+        OFF0: gl.constexpr = (K + 16) % 32
+        s0 = w0
+        s1 = w1
+        s2 = w2
+    else:  # shift the lane's stream to bit 0 so that every window's offset is a constant
+        OFF0: gl.constexpr = 0
+        s0 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w0, w1, off],
+                                       dtype=gl.uint32, is_pure=True, pack=1)
+        s1 = gl.inline_asm_elementwise("shf.l.wrap.b32 $0, $2, $1, $3;", "=r,r,r,r", [w1, w2, off],
+                                       dtype=gl.uint32, is_pure=True, pack=1)
+        s2 = w2 << off
+    vals = ()
+    for j in gl.static_range(8):
+        vals = vals + (_codebook(_state(s0, s1, s2, OFF0 + j * K), CODEBOOK, True, True),)
+    # Registers j = j0 + 2·j1 + 4·j2 become new minor dimensions; join appends its new dimension
+    # last, so they come out as (j0, j1, j2).
+    q = (gl.join(vals[0], vals[1]), gl.join(vals[2], vals[3]), gl.join(vals[4], vals[5]),
+         gl.join(vals[6], vals[7]))
+    v = gl.join(gl.join(q[0], q[1]), gl.join(q[2], q[3]))  # [TA, 2 r, 4 w, 32 t, 2 j0, 2 j1, 2 j2]
+    v = gl.reshape(v, [TA, 2, 4, 8, 4, 2, 2, 2])  # t = t0 + 4·t1 -> (t1, t0)
+    # A's rows (output columns) 16(w + 4r) + 8·j2 + t1; its k (input rows) 16a + 8·j1 + 2·t0 + j0
+    # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
+    v = gl.permute(v, A_PERM.value)
+    wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
+    return mma_v2(wa, xb, acc)
 
 
 @gluon.jit
@@ -227,7 +252,7 @@ def _exl3_tc_kernel(
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
-    STAGES: gl.constexpr, TIMELINE: gl.constexpr,
+    PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -260,7 +285,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH, STAGES)
+                       PREFETCH, PINGPONG, STAGES)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -309,7 +334,7 @@ _RESIDENT: dict[tuple, int] = {}
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None, prefetch: bool | None = None, stages: int = 0,
+                  ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
                   timeline: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     if ta is None:
@@ -326,17 +351,18 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
     assert kt % ta == 0 and 1 <= m <= BM and not (prefetch and stages > 1)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                STAGES=stages, TIMELINE=timeline)
+                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
-                 prefetch: bool | None = None, stages: int = 0, per_sm: int | None = None,
+                 prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
                  programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False):
     """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
-    on the tensor cores for every m; CUDA only (sm_80+). stages >= 2 stages the words through shared memory
-    by cp.async (see _tc_span; not a default until timed). timeline=True (a diagnostic) returns (y, the
-    kernel's per-program record [programs, 6] int64: SM, start / end ns, start cycle, K-loop cycles, cycles)."""
+    on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
+    stages >= 2 (the words through shared memory by cp.async) are variants to time, see _tc_span.
+    timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
+    start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16 and x_h.is_cuda
@@ -350,8 +376,8 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, stages, per_sm,
-           programs, groups > 1, timeline)
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, pingpong,
+           stages, per_sm, programs, groups > 1, timeline)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -362,7 +388,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               stages, timeline)
+                               pingpong, stages, timeline)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
