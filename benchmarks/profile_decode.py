@@ -1,5 +1,7 @@
 """Where a decode step's time goes: graph replay time per batch bucket (GPU time of one step, no host
-work) beside the kernel-by-kernel breakdown of one eager step (torch.profiler, GPU time by kernel name).
+work), the generator's whole step (Generator.iterate in steady decoding: scheduling, graph replay,
+sampling, the host sync, results) — their difference is the host's share — and the kernel-by-kernel
+breakdown of one eager step (torch.profiler, GPU time by kernel name).
 
     python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256]
 
@@ -9,6 +11,7 @@ The model folder is written by bench_e2e.py (same presets) when missing.
 from __future__ import annotations
 
 import argparse
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import torch
 
 from bench_e2e import PRESETS
 from trellm.cache.paged import Segment
-from trellm.engine.generator import Generator
+from trellm.engine.generator import Generator, Job
 from trellm.models.loader import load_model
 from trellm.quant.exl3_writer import write_random_exl3_model
 
@@ -53,6 +56,20 @@ def main() -> None:
         ev[1].record()
         ev[1].synchronize()
         replay_ms = ev[0].elapsed_time(ev[1]) / 20
+        # The generator's own steps: b jobs past their prompts, then 20 timed decode steps.
+        for _ in range(b):
+            gen.enqueue(Job([17] * args.ctx, max_new_tokens=64))
+        started: set[int] = set()
+        while len(started) < b:
+            started |= {r.job_id for r in gen.iterate()}
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            gen.iterate()
+        torch.cuda.synchronize()
+        iterate_ms = (time.perf_counter() - t0) * 1000 / 20
+        while gen.busy:
+            gen.iterate()
         segs = [Segment(i, args.ctx, 1, pages[i]) for i in range(b)]
         step = lambda: model(torch.tensor([ids], device="cuda"), torch.tensor([pos], device="cuda"),  # noqa: E731
                              gen.cache.step(segs), max_seq_len=args.ctx + 1)
@@ -68,8 +85,9 @@ def main() -> None:
                 by_name[e.name[:60]][1] += 1
         total = sum(v[0] for v in by_name.values())
         count = sum(v[1] for v in by_name.values())
-        print(f"\n== batch {b}: graph replay {replay_ms:.3f} ms/step; eager kernels {count}, "
-              f"sum of kernel time {total / 1000:.3f} ms")
+        print(f"\n== batch {b}: graph replay {replay_ms:.3f} ms/step, Generator.iterate {iterate_ms:.3f} ms/step "
+              f"({b / iterate_ms * 1000:.0f} tok/s; host share {iterate_ms - replay_ms:.3f} ms); eager kernels "
+              f"{count}, sum of kernel time {total / 1000:.3f} ms")
         for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"{us:9.1f} µs {n:5d}x {us / n:7.2f} µs  {name}")
 
