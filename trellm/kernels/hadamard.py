@@ -4,7 +4,8 @@
     had_out: y  = had128(y') ⊙ svh + bias     -> [m, n] in the caller's dtype
 
 had_in transforms each [16, 128] block with one tensor-core product against the
-orthonormal 128×128 Sylvester matrix (kept per device); the output side (`had_out_store`,
+orthonormal 128×128 Sylvester matrix (kept per device), or with TRELLM_HAD_IN=fwht by
+butterflies in fp32 (bit-equal to had_in_ref); the output side (`had_out_store`,
 also the fused GEMV's epilogue) runs a fast Walsh-Hadamard transform in registers. A call
 costs one launch whatever the shape. `*_ref` are the same functions in torch.
 """

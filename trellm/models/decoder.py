@@ -5,7 +5,8 @@
                 h += [post_mlp_norm]( mlp( mlp_norm(h) ) )
     logits = [softcap]( lm_head( norm(h) ) )
 
-Every residual add runs inside the kernel of the norm that follows it (RMSNorm.add_norm).
+In the model's forward every residual add runs inside the kernel of the norm that follows it
+(RMSNorm.add_norm).
 What differs between architectures is declared in their ArchSpec (models/registry.py);
 nothing here branches on an architecture's name or on the quantization format.
 """
