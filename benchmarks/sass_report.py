@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--kind", choices=("fma", "mma", "tc"), default="fma")
     ap.add_argument("--m", type=int, default=1, help="batch rows (tc kind: picks its mma width and tile rows)")
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--ta", type=int, default=16, help="tile rows per iteration (tc kind: 16 = its own default)")
+    ap.add_argument("--ta", type=int, default=None, help="tile rows per iteration (default: 16, the tc kind its own)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=None, help="default 2, 1 with --direct / --prefetch (as exl3_gemv)")
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
@@ -61,11 +61,12 @@ def main() -> None:
         from trellm.kernels import exl3_tc
 
         consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
-                                       False, False, ta=None if args.ta == 16 else args.ta)
+                                       False, False, ta=args.ta)
         kernel = exl3_tc.compile_for_sm90(consts)
         args.ta = consts["TA"]
         args.warps = exl3_tc.NUM_WARPS
     else:
+        args.ta = args.ta or 16
         kernel = compile_gemv(args)
     summarise(kernel, args)
 

@@ -92,52 +92,49 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     # the mask, ran 1.7× slower on an H100: 37.9 against 22.6 µs at K = 4 on 4096→14336.)
     xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
-    step_w: gl.constexpr = TA * NT * W
+    src = (p0, p1, p2, xp, bm, M, TA * NT * W, 16 * TA)  # what _tc_loads reads iteration i from
+    # Loads past the span would leave the trellis: the prefetching forms' last loads repeat the final rows.
     if STAGES > 1:
         NW: gl.constexpr = 3 if K > 4 else 2  # words per lane and tile
         ring = gl.allocate_shared_memory(gl.int32, [STAGES * NW, TA, 2, 4, 32],
                                          gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))  # per buffer
         for s in gl.static_range(STAGES - 1):
-            _tc_stage(ring, p0, p1, p2, s, gl.minimum(s, n_iter - 1) * step_w, K)
+            _tc_stage(ring, src, s, gl.minimum(s, n_iter - 1), K)
         xbn = gl.load(xp, mask=bm[None, :] < M, other=0.0)
-    if PREFETCH and PINGPONG:
+        for i in range(n_iter):
+            _tc_stage(ring, src, (i + STAGES - 1) % STAGES, gl.minimum(i + STAGES - 1, n_iter - 1), K)
+            async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
+            st = i % STAGES
+            w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
+            w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
+            w2 = w1
+            if K > 4:
+                w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
+            xb = xbn
+            xbn = gl.load(xp + gl.minimum(i + 1, n_iter - 1) * 16 * TA, mask=bm[None, :] < M, other=0.0)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
+    elif PREFETCH and PINGPONG:
         # Iteration i decodes words loaded during iteration i - 1, two iterations per trip alternating
         # two register sets, so that no loaded word is copied (a single set carried across trips costs
         # ~60 moves per iteration at K = 4: 5.30 against 4.93 instructions per weight; 166 against 159
         # registers, 180 at K = 8).
-        wa0, wa1, wa2, xba = _tc_loads(p0, p1, p2, xp, bm, M, 0, step_w, 16 * TA, K)
+        wa0, wa1, wa2, xba = _tc_loads(src, 0, K)
         for i in range(0, n_iter - 1, 2):
-            wb0, wb1, wb2, xbb = _tc_loads(p0, p1, p2, xp, bm, M, i + 1, step_w, 16 * TA, K)
+            wb0, wb1, wb2, xbb = _tc_loads(src, i + 1, K)
             acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
-            # Past the span the loads would leave the trellis: the last trip reloads its own rows.
-            wa0, wa1, wa2, xba = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 2, n_iter - 1), step_w, 16 * TA, K)
+            wa0, wa1, wa2, xba = _tc_loads(src, gl.minimum(i + 2, n_iter - 1), K)
             acc = _tc_mma(wb0, wb1, wb2, xbb, acc, off, K, TA, CODEBOOK, a_layout)
         if n_iter % 2 == 1:
             acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
     elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
-        w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, 0, step_w, 16 * TA, K)
+        w0n, w1n, w2n, xbn = _tc_loads(src, 0, K)
         for i in range(n_iter):
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
-            # Past the span the loads would leave the trellis: the last iteration reloads its own rows.
-            w0n, w1n, w2n, xbn = _tc_loads(p0, p1, p2, xp, bm, M, gl.minimum(i + 1, n_iter - 1), step_w, 16 * TA, K)
+            w0n, w1n, w2n, xbn = _tc_loads(src, gl.minimum(i + 1, n_iter - 1), K)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
     else:
         for i in range(n_iter):
-            if STAGES > 1:
-                # Past the span the copies would leave the trellis: the last ones repeat the final rows.
-                _tc_stage(ring, p0, p1, p2, (i + STAGES - 1) % STAGES,
-                          gl.minimum(i + STAGES - 1, n_iter - 1) * step_w, K)
-                async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
-                st = i % STAGES
-                w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
-                w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
-                w2 = w1
-                if K > 4:
-                    w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
-                xb = xbn
-                xbn = gl.load(xp + gl.minimum(i + 1, n_iter - 1) * 16 * TA, mask=bm[None, :] < M, other=0.0)
-            else:
-                w0, w1, w2, xb = _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, 16 * TA, K)
+            w0, w1, w2, xb = _tc_loads(src, i, K)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
     return acc
 
@@ -176,21 +173,23 @@ def _tc_mma(w0, w1, w2, xb, acc, off, K: gl.constexpr, TA: gl.constexpr, CODEBOO
 
 
 @gluon.jit
-def _tc_stage(ring, p0, p1, p2, stage, offset, K: gl.constexpr):
-    """cp.async of one iteration's words (at `offset` from the lane pointers) into ring stage `stage`, as
-    one commit group."""
+def _tc_stage(ring, src, stage, i, K: gl.constexpr):
+    """cp.async of iteration i's words (src as for _tc_loads) into ring stage `stage`, as one commit group."""
     NW: gl.constexpr = 3 if K > 4 else 2
-    _cp_async(ring.index(stage * NW), p0 + offset)
-    _cp_async(ring.index(stage * NW + 1), p1 + offset)
+    offset = i * src[6]
+    _cp_async(ring.index(stage * NW), src[0] + offset)
+    _cp_async(ring.index(stage * NW + 1), src[1] + offset)
     if K > 4:
-        _cp_async(ring.index(stage * NW + 2), p2 + offset)
+        _cp_async(ring.index(stage * NW + 2), src[2] + offset)
     async_copy.commit_group()
 
 
 @gluon.jit
-def _tc_loads(p0, p1, p2, xp, bm, M, i, step_w, step_x, K: gl.constexpr):
+def _tc_loads(src, i, K: gl.constexpr):
     """Iteration i's trellis words (the third only for K > 4, whose lane streams span three words) and
-    its x rows (batch rows past M as zeros)."""
+    its x rows (batch rows past M as zeros). src = (word pointers p0 p1 p2, x pointers, batch-row
+    indices, M, words' and x's step per iteration)."""
+    p0, p1, p2, xp, bm, M, step_w, step_x = src
     w0 = gl.load(p0 + i * step_w).to(gl.uint32, bitcast=True)
     w1 = gl.load(p1 + i * step_w).to(gl.uint32, bitcast=True)
     w2 = w1
