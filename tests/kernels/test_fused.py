@@ -209,3 +209,78 @@ def test_rope_store_gpu():
     dtypes = [torch.bfloat16, torch.float16, torch.float32]
     fails = check_rope_store("cuda", dtypes) + [f for dt in dtypes for f in check_paged_step("cuda", dt)]
     assert fails == [], fails
+
+
+# ---- producers that also apply the next linears' EXL3 input transform ----------------------------------------
+def check_rotated(device: str, dtypes, sizes) -> list:
+    """rms_norm_rotated / act_mul_rotated against the plain kernel followed by had_in's butterfly form on
+    its output (the same operations: bit for bit) and had_in_ref (fp32; one fp16 rounding); G = 1 and 3
+    suh rows, widths that are not multiples of 128 (the padding columns transform as zeros)."""
+    from trellm.kernels import hadamard
+    from trellm.kernels.fused import act_mul, act_mul_rotated, add_rms_norm, rms_norm, rms_norm_rotated
+    from trellm.kernels.hadamard import had_in, had_in_ref
+
+    g = torch.Generator().manual_seed(3)
+    fails = []
+    saved, hadamard.HAD_IN = hadamard.HAD_IN, "fwht"
+    try:
+        def compare(what, y, rotated, suh):
+            xh, xs = rotated
+            if xh.shape != (suh.shape[0], y.shape[0], suh.shape[1]) or xs.shape != (*xh.shape[:2], xh.shape[2] // 128):
+                fails.append(("shape", what, tuple(xh.shape), tuple(xs.shape)))
+                return
+            want_h, want_s = had_in(y, suh)
+            if not (torch.equal(xh, want_h) and torch.equal(xs, want_s)):
+                fails.append(("not had_in's bits", what, (xh.float() - want_h.float()).abs().max().item()))
+            for gi in range(suh.shape[0]):
+                ref_h, ref_s = had_in_ref(y, suh[gi])
+                if (xh[gi].float() - ref_h.float()).abs().max() > 1e-3 * ref_h.float().abs().max():
+                    fails.append(("had_in_ref", what, gi))
+                if (xs[gi] - ref_s).abs().max() > 1e-3 * ref_s.abs().max() + 1e-3:
+                    fails.append(("had_in_ref sums", what, gi))
+
+        for dt in dtypes:
+            for n in sizes:
+                k_pad = (n + 127) // 128 * 128
+                for groups, offset, w32 in ((1, 0.0, False), (3, 1.0, True)):
+                    what = (str(dt), n, groups)
+                    suh = (torch.randn(groups, k_pad, generator=g) * 0.5).half().to(device)
+                    w = (torch.randn(n, generator=g) * 0.3).to(dt).to(device)
+                    x = torch.randn(1, 5, n, generator=g).to(dt).to(device)
+                    h = torch.randn(1, 5, n, generator=g).to(dt).to(device)
+                    s, y, rot = rms_norm_rotated(h, x, w, 1e-6, offset, w32, suh)
+                    want_s, want_y = add_rms_norm(h, x, w, 1e-6, offset, w32)
+                    if not (torch.equal(s, want_s) and torch.equal(y, want_y)):
+                        fails.append(("add_norm changed", what))
+                    compare(("add_norm",) + what, y.view(5, n), rot, suh)
+                    s, y, rot = rms_norm_rotated(None, x, w, 1e-6, offset, w32, suh)
+                    if s is not x or not torch.equal(y, rms_norm(x, w, 1e-6, offset, w32)):
+                        fails.append(("norm changed", what))
+                    compare(("norm",) + what, y.view(5, n), rot, suh)
+                    gate = (torch.randn(3, n, generator=g) * 3).to(dt).to(device)
+                    up = torch.randn(3, n, generator=g).to(dt).to(device)
+                    y, rot = act_mul_rotated("silu", gate, up, suh)
+                    if not torch.equal(y, act_mul("silu", gate, up)):
+                        fails.append(("act_mul changed", what))
+                    compare(("act_mul",) + what, y, rot, suh)
+    finally:
+        hadamard.HAD_IN = saved
+    return fails
+
+
+ROTATED_SCRIPT = textwrap.dedent("""
+    import torch
+    from tests.kernels.test_fused import check_rotated
+    print("FAILS", check_rotated("cpu", [torch.float32, torch.float16], [72, 576, 1300]))
+""")
+
+
+def test_rotated_producers_interpreted():
+    out = run_interpreted(ROTATED_SCRIPT)
+    assert out.strip().endswith("FAILS []"), out[-2000:]
+
+
+@pytest.mark.gpu
+def test_rotated_producers_gpu():
+    fails = check_rotated("cuda", [torch.bfloat16, torch.float16, torch.float32], [72, 576, 1300, 4096, 14336])
+    assert fails == [], fails

@@ -154,6 +154,55 @@ def test_exl3_model_same_logits_through_kernels_and_reference(tiny_exl3):
         assert (gpu - cpu).abs().max() <= 2e-2 * cpu.abs().max()
 
 
+FUSABLE = dict(TINY, hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [TINY, FUSABLE], ids=["separate", "fused"])
+def test_input_transform_inside_the_norm_and_act_kernels(config, tmp_path, monkeypatch):
+    """On CUDA the norms and act·mul write the next linears' had_in output (LinearGroup.rotation): the
+    only had_in launches left are o_proj's, and the logits match the model with the transforms as
+    their own launches (had_in's two forms round differently: within fp16 noise)."""
+    from trellm.cache.contiguous import ContiguousKVCache
+    from trellm.kernels import hadamard
+    from trellm.models.loader import load_model
+
+    write_random_exl3_model(config, tmp_path / "m", bits=4, head_bits=6, codebook="mul1", seed=3)
+    model = load_model(tmp_path / "m", device="cuda", dtype="bfloat16")
+    layers = model.layers
+    assert all(lr.self_attn.qkv.rotation is not None and lr.mlp.gate_up.rotation is not None for lr in layers)
+    assert (layers[0].self_attn.qkv.fused is not None) == (config is FUSABLE)
+    calls = []
+    original = hadamard.had_in
+    monkeypatch.setattr(hadamard, "had_in", lambda *a: calls.append(1) or original(*a))
+    import trellm.kernels.exl3_dispatch as dispatch
+    monkeypatch.setattr(dispatch, "had_in", hadamard.had_in)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def logits() -> list[torch.Tensor]:
+        out = []
+        for t in (20, 1):
+            cache = ContiguousKVCache(model.config, batch_size=1, max_len=21, device="cuda", dtype=torch.bfloat16)
+            out.append(model(ids[:, :t], torch.arange(t, device="cuda")[None], cache.step(t), max_seq_len=t).float())
+        return out
+
+    fused = logits()
+    assert len(calls) == 2 * len(layers)  # o_proj's, at t = 20 and t = 1
+    groups = [g for lr in layers for g in (lr.self_attn.qkv, lr.mlp.gate_up, lr.mlp.down)] + [model.head]
+    saved = [g.rotation for g in groups]
+    for g in groups:
+        g.rotation = None
+    calls.clear()
+    plain = logits()
+    # Per layer: q/k/v, o, gate/up, down = 7 transforms at t = 20 (the prefill runs each member alone),
+    # 4 at t = 1 where the members fuse; and the head's at both.
+    assert len(calls) == len(layers) * (7 + (4 if config is FUSABLE else 7)) + 2
+    for g, r in zip(groups, saved):
+        g.rotation = r
+    for a, b in zip(fused, plain):
+        assert (a - b).abs().max() <= 3e-2 * b.abs().max(), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("key, codebook", [("k2.5_mul1", "mul1"), ("k4_mcg", "mcg"), ("k3_3inst", "3inst")])
 def test_golden_layers_through_the_quant_method(key, codebook):
     from pathlib import Path

@@ -51,12 +51,13 @@ def gemv_small(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, s
     return exl3_gemv(x_h, x_sums, trellis, svh, bias, codebook, n, out_dtype, group_blocks=group_blocks)
 
 
-def exl3_matmul(x: torch.Tensor, layer: EXL3Linear) -> torch.Tensor:
-    """x [m, in_features] on CUDA -> [m, out_features] in x.dtype."""
+def exl3_matmul(x: torch.Tensor, layer: EXL3Linear,
+                rotated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [m, in_features] on CUDA -> [m, out_features] in x.dtype. rotated: had_in(x, layer.suh),
+    already computed by x's producer (EXL3Linear.input_rotation)."""
     if not float(layer.bits).is_integer():
         return layer._forward_ref(x)
-    x = x.contiguous()
-    x_h, x_sums = had_in(x, layer.suh)
+    x_h, x_sums = had_in(x.contiguous(), layer.suh) if rotated is None else rotated
     m = x.shape[0]
     if m <= SMALL_M:
         return gemv_small(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,

@@ -14,10 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
+from trellm.kernels.hadamard import rotate_store, rotation_outputs
+
+# A linear input already transformed by its producer: (x' fp16 [G, rows, k_pad], 128-block sums fp32
+# [G, rows, k_pad/128]) for the G linears that read it (layers/linear.py LinearGroup).
+Rotated = tuple[torch.Tensor, torch.Tensor]
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, stride_x, stride_r, stride_o,
-                     HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, eps, offset,
+                     stride_x, stride_r, stride_o, HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr,
+                     ROTATE: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -34,7 +41,10 @@ def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, st
     else:  # Llama: round the normalised x, multiply by the (offset-added, rounded) weight in the model dtype
         n = (xf * r).to(out_ptr.dtype.element_ty).to(tl.float32)
         y = n * (w + offset).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=ok)
+    if ROTATE > 0:  # the next linears' input transform, from the rounded output
+        rotate_store(tl.where(ok, y.to(tl.float32), 0.0), 0, row, suh_ptr, xh_ptr, xs_ptr, M, K_PAD, ROTATE, BLOCK)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -44,16 +54,25 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(x2: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float,
-          weight_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+          weight_in_fp32: bool, rotate: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None, Rotated | None]:
     out = torch.empty(x2.shape, device=x2.device, dtype=x2.dtype)
     summed = torch.empty_like(out) if res is not None else None
-    n = x2.shape[1]
+    m, n = x2.shape
     block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x2.shape[0],)](x2, res if res is not None else x2, summed if summed is not None else x2, weight,
-                                     out, n, eps, float(offset), x2.stride(0),
-                                     res.stride(0) if res is not None else 0, out.stride(0), HAS_RES=res is not None,
-                                     W_FP32=weight_in_fp32, BLOCK=block, num_warps=min(16, max(1, block // 256)))
-    return out, summed
+    rotated, groups, k_pad = None, 0, 0
+    if rotate is not None:
+        groups, k_pad = rotate.shape
+        assert rotate.is_contiguous() and n <= k_pad and k_pad % 128 == 0, (n, rotate.shape)
+        block = max(block, 128)  # a power of two >= 128 covers the 128-padded row
+        rotated = rotation_outputs(rotate, m)
+    xh, xs = rotated if rotated is not None else (out, out)
+    _rms_norm_kernel[(m,)](x2, res if res is not None else x2, summed if summed is not None else x2, weight,
+                           out, rotate if rotate is not None else weight, xh, xs, m, n, k_pad, eps, float(offset),
+                           x2.stride(0), res.stride(0) if res is not None else 0, out.stride(0),
+                           HAS_RES=res is not None, W_FP32=weight_in_fp32, BLOCK=block, ROTATE=groups,
+                           num_warps=min(16, max(1, block // 256)))
+    return out, summed, rotated
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, weight_in_fp32: bool) -> torch.Tensor:
@@ -65,8 +84,19 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                  weight_in_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual + x, RMSNorm of that sum): the add and the norm in one pass over each row."""
     assert residual.shape == x.shape, "the residual must have x's shape"
-    out, summed = _norm(_rows(x), _rows(residual), weight, eps, offset, weight_in_fp32)
+    out, summed, _ = _norm(_rows(x), _rows(residual), weight, eps, offset, weight_in_fp32)
     return summed.view(x.shape), out.view(x.shape)
+
+
+def rms_norm_rotated(residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     offset: float, weight_in_fp32: bool, rotate: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, Rotated]:
+    """RMSNorm of residual + x (of x alone without a residual) that also applies the next linears' input
+    transform (hadamard.rotate_store; `rotate` = their suh [G, k_pad]): returns (the sum — x itself
+    without a residual —, the norm, (x' [G, rows, k_pad], block sums [G, rows, k_pad/128]))."""
+    out, summed, rotated = _norm(_rows(x), _rows(residual) if residual is not None else None, weight, eps, offset,
+                                 weight_in_fp32, rotate)
+    return (summed.view(x.shape) if summed is not None else x), out.view(x.shape), rotated
 
 
 @triton.jit
@@ -175,7 +205,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _act_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, stride_o, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(g_ptr, u_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, stride_g, stride_u, stride_o,
+                    ACT: tl.constexpr, BLOCK: tl.constexpr, ROTATE: tl.constexpr):
     row, pid = tl.program_id(0), tl.program_id(1)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -191,18 +222,41 @@ def _act_mul_kernel(g_ptr, u_ptr, out_ptr, N, stride_g, stride_u, stride_o, ACT:
     else:  # relu
         a = tl.maximum(x, 0.0)
     a = a.to(g.dtype).to(tl.float32)  # torch rounds the activation before the product
-    tl.store(out_ptr + row * stride_o + cols, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
+    y = (a * u).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=ok)
+    if ROTATE > 0:  # the down projection's input transform (BLOCK: a multiple of 128)
+        rotate_store(tl.where(ok, y.to(tl.float32), 0.0), pid * BLOCK, row, suh_ptr, xh_ptr, xs_ptr, M, K_PAD,
+                     ROTATE, BLOCK)
 
 
 ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2, "relu": 3}
 
 
-def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """act(gate) · up, elementwise over [.., N] tensors with unit last stride."""
-    n = gate.shape[-1]
+def _act_mul(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tensor | None
+             ) -> tuple[torch.Tensor, Rotated | None]:
+    m, n = gate.reshape(-1, gate.shape[-1]).shape
     g2, u2 = _rows(gate), _rows(up)
     out = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
-    _act_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0),
-                                                          ACT=ACT_CODES[act], BLOCK=block)
-    return out.view(gate.shape)
+    rotated, groups, k_pad, width = None, 0, 0, n
+    if rotate is not None:
+        groups, k_pad = rotate.shape
+        assert rotate.is_contiguous() and n <= k_pad and k_pad % 128 == 0, (n, rotate.shape)
+        rotated, width = rotation_outputs(rotate, m), k_pad  # programs cover the padding too
+    xh, xs = rotated if rotated is not None else (out, out)
+    _act_mul_kernel[(m, triton.cdiv(width, block))](g2, u2, out, rotate if rotate is not None else out, xh, xs, m, n,
+                                                    k_pad, g2.stride(0), u2.stride(0), out.stride(0),
+                                                    ACT=ACT_CODES[act], BLOCK=block, ROTATE=groups)
+    return out.view(gate.shape), rotated
+
+
+def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) · up, elementwise over [.., N] tensors with unit last stride."""
+    return _act_mul(act, gate, up, None)[0]
+
+
+def act_mul_rotated(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tensor
+                    ) -> tuple[torch.Tensor, Rotated]:
+    """act(gate) · up and the consuming linears' transformed input (rotate: their suh [G, k_pad]), as
+    rms_norm_rotated."""
+    return _act_mul(act, gate, up, rotate)

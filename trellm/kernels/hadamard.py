@@ -83,6 +83,30 @@ def _had_in_fwht_kernel(x_ptr, suh_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_x
 
 
 @triton.jit
+def rotate_store(y, c0, row, suh_ptr, out_ptr, sums_ptr, M, K_PAD, G: tl.constexpr, BLOCK: tl.constexpr):
+    """had_in's fwht form inside a producing kernel (RMSNorm, act·mul): for the BLOCK columns from c0
+    (a multiple of 128) of one row y (fp32, already rounded to the model dtype, zero past the input's
+    width), store x' = had128(y ⊙ suh[g]) in fp16 and its 128-block sums for each of G suh rows, as
+    had_in would ([G, M, K_PAD] and [G, M, K_PAD/128]). Same operations as _had_in_fwht_kernel, so the
+    same bits, and the consumer's had_in launch disappears."""
+    cols = c0 + tl.arange(0, BLOCK)
+    blocks = c0 // 128 + tl.arange(0, BLOCK // 128)
+    kb = K_PAD // 128
+    for g in tl.static_range(G):
+        s = tl.load(suh_ptr + g * K_PAD + cols, mask=cols < K_PAD, other=0.0).to(tl.float32)
+        z = (_fwht128(tl.reshape(y * s, (BLOCK // 128, 128))) * 0.08838834764831845).to(tl.float16)
+        tl.store(out_ptr + (g * M + row) * K_PAD + cols, tl.reshape(z, (BLOCK,)), mask=cols < K_PAD)
+        tl.store(sums_ptr + (g * M + row) * kb + blocks, tl.sum(z.to(tl.float32), axis=1), mask=blocks < kb)
+
+
+def rotation_outputs(suh: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (x' fp16 [G, m, k_pad], sums fp32 [G, m, k_pad/128]) for rotate_store, suh [G, k_pad]."""
+    g, k_pad = suh.shape
+    return (torch.empty(g, m, k_pad, device=suh.device, dtype=torch.float16),
+            torch.empty(g, m, k_pad // 128, device=suh.device, dtype=torch.float32))
+
+
+@triton.jit
 def had_out_store(y, rows, cols, svh_ptr, bias_ptr, out_ptr, M, N, stride_om, HAS_BIAS: tl.constexpr):
     """Store had128(y) ⊙ svh (+ bias) for a [rows, 128-column block] of y' (fp32): the output side of
     every EXL3 matmul, shared by had_out and the fused GEMV's epilogue."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trellm.layers.linear import Linear, fuse_linears
+from trellm.layers.linear import Linear, LinearGroup, Rotated
 from trellm.layers.norms import RMSNorm
 from trellm.layers.rope import apply_rope
 from trellm.quant.base import MethodFor
@@ -141,19 +141,21 @@ class Attention(nn.Module):
         self.v_proj = Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias, methods=methods, name=f"{prefix}.v_proj")
         self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, methods=methods, name=f"{prefix}.o_proj")
         self.q_norm = qk_norm
-        self.qkv = None  # q/k/v as one matmul (fuse_projections, after loading)
+        self.qkv: LinearGroup | None = None  # q/k/v called together (fuse_projections, after loading)
         self.k_norm = None if qk_norm is None else RMSNorm(
             head_dim, qk_norm.eps, offset=qk_norm.offset, weight_in_fp32=qk_norm.weight_in_fp32
         )
 
     def fuse_projections(self) -> None:
-        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv = LinearGroup([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
+        rotated: Rotated | None = None,
     ) -> torch.Tensor:
+        """rotated: q/k/v's input transform of x, done by x's producer (for self.qkv.rotation)."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x, rotated) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
         q = q.view(b, t, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = k.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = v.view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, D]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trellm.errors import ConfigError
-from trellm.layers.linear import Linear, fuse_linears
+from trellm.layers.linear import Linear, LinearGroup, Rotated
 from trellm.quant.base import MethodFor
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -37,15 +37,23 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, intermediate, bias=bias, methods=methods, name=f"{prefix}.gate_proj")
         self.up_proj = Linear(hidden, intermediate, bias=bias, methods=methods, name=f"{prefix}.up_proj")
         self.down_proj = Linear(intermediate, hidden, bias=bias, methods=methods, name=f"{prefix}.down_proj")
-        self.gate_up = None  # gate and up as one matmul (fuse_projections, after loading)
+        # gate/up and down called as groups (fuse_projections, after loading; CUDA)
+        self.gate_up: LinearGroup | None = None
+        self.down: LinearGroup | None = None
 
     def fuse_projections(self) -> None:
-        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        self.gate_up = LinearGroup([self.gate_proj, self.up_proj])
+        self.down = LinearGroup([self.down_proj])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotated: Rotated | None = None) -> torch.Tensor:
+        """rotated: gate/up's input transform of x, done by x's producer (for self.gate_up.rotation)."""
         if x.is_cuda:
-            from trellm.kernels.fused import act_mul
+            from trellm.kernels.fused import act_mul, act_mul_rotated
 
-            gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-            return self.down_proj(act_mul(self.act_name, gate, up))
+            if self.gate_up is None:
+                return self.down_proj(act_mul(self.act_name, self.gate_proj(x), self.up_proj(x)))
+            gate, up = self.gate_up(x, rotated)
+            if self.down.rotation is None:
+                return self.down(act_mul(self.act_name, gate, up))[0]
+            return self.down(*act_mul_rotated(self.act_name, gate, up, self.down.rotation))[0]
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

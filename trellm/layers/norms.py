@@ -37,6 +37,16 @@ class RMSNorm(nn.Module):
         h = h + x
         return h, self(h)
 
+    def norm_rotated(self, h: torch.Tensor, x: torch.Tensor | None, rotate: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """CUDA: (h + x — h without x —, its norm, the consuming linears' input transform of the norm
+        for their stacked rotation `rotate` [G, k_pad]) in one kernel (layers/linear.py LinearGroup)."""
+        from trellm.kernels.fused import rms_norm_rotated
+
+        if x is None:
+            return rms_norm_rotated(None, h, self.weight, self.eps, self.offset, self.weight_in_fp32, rotate)
+        return rms_norm_rotated(h, x, self.weight, self.eps, self.offset, self.weight_in_fp32, rotate)
+
     def _forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

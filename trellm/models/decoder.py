@@ -6,7 +6,8 @@
     logits = [softcap]( lm_head( norm(h) ) )
 
 In the model's forward every residual add runs inside the kernel of the norm that follows it
-(RMSNorm.add_norm).
+(RMSNorm.add_norm), and on CUDA the EXL3 input transform of the linears after a norm or act·mul runs
+inside that kernel too (layers/linear.py LinearGroup).
 What differs between architectures is declared in their ArchSpec (models/registry.py);
 nothing here branches on an architecture's name or on the quantization format.
 """
@@ -18,7 +19,7 @@ from torch import nn
 
 from trellm.io.weights import FusedPart, WeightSource
 from trellm.layers.attention import Attention, AttentionBackend, AttentionParams
-from trellm.layers.linear import Linear
+from trellm.layers.linear import Linear, LinearGroup
 from trellm.layers.mlp import GatedMLP
 from trellm.layers.norms import RMSNorm
 from trellm.layers.rope import RotaryEmbedding
@@ -81,15 +82,24 @@ class DecoderLayer(nn.Module):
                          backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on the residual h + pending, returning (residual, mlp output) without their sum: the
         next layer's (or the final) norm adds it in its own kernel, saving one launch per layer."""
-        if pending is None:
+        # Where the projections transform their input first (EXL3 on CUDA), the norm kernels do it.
+        qkv, gate_up = self.self_attn.qkv, self.mlp.gate_up
+        rot = None
+        if qkv is not None and qkv.rotation is not None:
+            h, x, rot = self.attn_norm.norm_rotated(h, pending, qkv.rotation)
+        elif pending is None:
             x = self.attn_norm(h)
         else:
             h, x = self.attn_norm.add_norm(h, pending)
-        a = self.self_attn(x, cos, sin, backend)
+        a = self.self_attn(x, cos, sin, backend, rot)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
-        h, x = self.mlp_norm.add_norm(h, a)  # h + a and its norm (one kernel on CUDA)
-        m = self.mlp(x)
+        if gate_up is not None and gate_up.rotation is not None:
+            h, x, rot = self.mlp_norm.norm_rotated(h, a, gate_up.rotation)
+        else:
+            h, x = self.mlp_norm.add_norm(h, a)  # h + a and its norm (one kernel on CUDA)
+            rot = None
+        m = self.mlp(x, rot)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
         return h, m
@@ -112,6 +122,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=spec.norm_offset,
                             weight_in_fp32=spec.norm_weight_in_fp32)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, methods=method_for, name="lm_head")
+        self.head: LinearGroup | None = None  # lm_head as a group of one (fuse_projections)
         self.rotary = nn.ModuleDict({t: RotaryEmbedding(cfg.rope[t], cfg.head_dim) for t in sorted(set(cfg.layer_types))})
         self.device = torch.device("cpu")
         self.dtype = torch.float32
@@ -151,6 +162,7 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+        self.head = LinearGroup([self.lm_head])
 
     # ---- forward --------------------------------------------------------------------------------------
 
@@ -191,7 +203,11 @@ class DecoderModel(nn.Module):
             h, pending = h[:, -1:], pending[:, -1:]
         elif select is not None:
             h, pending = h[:, select], pending[:, select]
-        logits = self.lm_head(self.norm.add_norm(h, pending)[1])
+        if self.head is not None and self.head.rotation is not None:
+            _, x, rot = self.norm.norm_rotated(h, pending, self.head.rotation)
+            logits = self.head(x, rot)[0]
+        else:
+            logits = self.lm_head(self.norm.add_norm(h, pending)[1])
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

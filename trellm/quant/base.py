@@ -40,10 +40,18 @@ class LinearImpl(nn.Module, ABC):
         """Short human description of the storage, for `trellm inspect`."""
         return type(self).__name__
 
+    def input_rotation(self) -> torch.Tensor | None:
+        """For formats that transform their input before the product (EXL3: x' = had128(x ⊙ suh)) and
+        can take it already transformed by the producing kernel: the per-channel factor [k_pad] of that
+        transform; then forward also accepts `rotated=(x' [rows, k_pad], 128-block sums [rows,
+        k_pad/128])`. None (the default) where not."""
+        return None
+
     @staticmethod
-    def fuse(impls: list[LinearImpl]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    def fuse(impls: list[LinearImpl]) -> Callable[..., list[torch.Tensor]] | None:
         """One matmul for several linears of this format that read the same input (q/k/v, gate/up), or
-        None where the format cannot. The result maps x to the list of outputs. The members keep
+        None where the format cannot. The result maps x to the list of outputs (and, where the members
+        have an input_rotation, also takes `rotated` for their stacked rotations). The members keep
         working alone (their tensors become views into the fused ones, so nothing is stored twice)."""
         return None
 

@@ -120,19 +120,26 @@ class EXL3Linear(LinearImpl):
 
     # ---- compute ----------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_rotation(self) -> torch.Tensor | None:
+        """suh where the CUDA kernels run (integer K): the producer of x may then hand over
+        x' = had128(x ⊙ suh) and its block sums (LinearImpl.input_rotation)."""
+        if self.trellis is None or not self.trellis.is_cuda or not float(self.bits).is_integer():
+            return None
+        return self.suh
+
+    def forward(self, x: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [m, in_features]
         if x2.device.type == "cuda":
             from trellm.kernels.exl3_dispatch import exl3_matmul
 
-            y = exl3_matmul(x2, self)
+            y = exl3_matmul(x2, self, rotated)
         else:
             y = self._forward_ref(x2)
         return y.reshape(*shape[:-1], self.out_features)
 
     @staticmethod
-    def fuse(impls: list[LinearImpl]) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    def fuse(impls: list[LinearImpl]) -> Callable[..., list[torch.Tensor]] | None:
         """Up to three CUDA linears with the same input size, bits and codebook, every output a multiple
         of 128: their trellis columns are concatenated and decode batches (m <= 16) run one input
         transform (each member's own suh) and one stream-K GEMV for all of them."""
@@ -158,15 +165,18 @@ class EXL3Linear(LinearImpl):
             blocks.append(col // 128)
         group_blocks = tuple(blocks[:-1])
 
-        def run(x: torch.Tensor) -> list[torch.Tensor]:
+        def run(x: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+            """rotated: had_in's output for the stacked suh, written by x's producer (LinearGroup)."""
             from trellm.kernels.exl3_dispatch import SMALL_M, gemv_small
             from trellm.kernels.hadamard import had_in
 
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] > SMALL_M:  # prefill: each member's dequantize + cuBLAS path (exl3_matmul)
-                return [i(x) for i in impls]
+                if rotated is None:
+                    return [i(x) for i in impls]
+                return [i(x, rotated=(rotated[0][g], rotated[1][g])) for g, i in enumerate(impls)]
 
-            x_h, x_sums = had_in(x2.contiguous(), suh)
+            x_h, x_sums = had_in(x2.contiguous(), suh) if rotated is None else rotated
             y = gemv_small(x_h, x_sums, trellis, svh, bias, first.codebook, col, x.dtype, group_blocks=group_blocks)
             return [part.view(*x.shape[:-1], n) for part, n in zip(y.split(sizes, dim=1), sizes)]
 
