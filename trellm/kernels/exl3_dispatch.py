@@ -2,7 +2,8 @@
 
     m <= 16        had_in + a decode-GEMV: m = 1 exl3_gemv (FMA units), m = 2..16 exl3_tc (tensor cores,
                    decoded straight into mma registers; sm_80 and newer), by SMALL_M_KERNEL
-    m > 16         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
+    m = 17..64     had_in + exl3_tc where it runs (TC_MAX_M), else as m > 64
+    m > 64         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
 """
 
@@ -21,7 +22,13 @@ from trellm.kernels.hadamard import had_in, had_out
 if TYPE_CHECKING:
     from trellm.quant.exl3 import EXL3Linear
 
-SMALL_M = 16
+SMALL_M = 16  # the most rows exl3_gemv takes
+# The most rows exl3_tc takes in one launch (its MAX_M); below that it decodes each weight once for all rows,
+# where the fp16 scratch + cuBLAS path writes and reads the whole decoded matrix per call. The environment
+# variable (16 = the scratch path from 17 rows on) is for A/B timing.
+TC_MAX_M = int(os.environ.get("TRELLM_TC_MAX_M", "64"))
+if not SMALL_M <= TC_MAX_M <= 64:
+    raise ValueError(f"TRELLM_TC_MAX_M={TC_MAX_M}: expected 16..64")
 SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
 # Which kernel takes m <= SMALL_M: "auto" (m = 1 exl3_gemv, m = 2..16 exl3_tc), "tc" (kernels/exl3_tc.py for
 # every m; sm_80 and newer) or "fma" (kernels/exl3_gemv.py for every m). H100 timings (benchmarks/RESULTS.md,
@@ -38,12 +45,17 @@ def _has_mma_v2(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def small_m_limit(device: torch.device) -> int:
+    """The most rows gemv_small takes on this device; more go through the fp16 scratch and cuBLAS."""
+    return TC_MAX_M if SMALL_M_KERNEL != "fma" and _has_mma_v2(device) else SMALL_M
+
+
 def gemv_small(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype,
                group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
-    """The m <= 16 product after had_in (see exl3_gemv for the arguments), by SMALL_M_KERNEL."""
+    """The m <= small_m_limit product after had_in (see exl3_gemv for the arguments), by SMALL_M_KERNEL."""
     m = x_h.shape[-2]
-    use_tc = SMALL_M_KERNEL == "tc" or (SMALL_M_KERNEL == "auto" and m > 1)
+    use_tc = SMALL_M_KERNEL == "tc" or (SMALL_M_KERNEL == "auto" and m > 1) or m > SMALL_M
     if use_tc and _has_mma_v2(x_h.device):
         from trellm.kernels.exl3_tc import exl3_gemv_tc  # Gluon: imported only where it runs
 
@@ -59,7 +71,7 @@ def exl3_matmul(x: torch.Tensor, layer: EXL3Linear,
         return layer._forward_ref(x)
     x_h, x_sums = had_in(x.contiguous(), layer.suh) if rotated is None else rotated
     m = x.shape[0]
-    if m <= SMALL_M:
+    if m <= small_m_limit(x.device):
         return gemv_small(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
                           x.dtype)
     return exl3_gemm_dequant(x_h, layer, x.dtype)

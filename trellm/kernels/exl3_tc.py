@@ -1,4 +1,4 @@
-"""Tensor-core EXL3 matmul for small batches (m = 1..16), written in Gluon (Triton's explicit-layout dialect).
+"""Tensor-core EXL3 matmul for small batches (m = 1..64), written in Gluon (Triton's explicit-layout dialect).
 
     y = had128( had128(x ⊙ suh) · Q ) ⊙ svh + bias          (x' = had128(x ⊙ suh) comes from had_in)
 
@@ -36,7 +36,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
-from trellm.kernels.exl3_gemv import BM, _workspace, stream_k_plan
+from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
 # cp.async into shared memory: Triton 3.6 (the GPU machines) calls it async_copy_global_to_shared, newer
 # releases (this repository's CPU environment) async_load.
@@ -268,7 +268,7 @@ def _exl3_tc_kernel(
     cr = gl.arange(0, 128, layout=gl.SliceLayout(1, mma))
     cm = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
     keep = (cm[None, :] < M) & (cr[:, None] >= 0)
-    part = cr[:, None] * 16 + cm[None, :]  # a slot holds [128, 16] fp32
+    part = cr[:, None] * BN + cm[None, :]  # a slot holds [128, BN] fp32
     u = pid * U // P
     u_end = (pid + 1) * U // P
     while u < u_end:
@@ -293,12 +293,12 @@ def _exl3_tc_kernel(
             _tc_epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk, BN, CODEBOOK,
                          HAS_BIAS, C1, C2)
         else:
-            gl.store(ws_ptr + (blk * MAXSEG + pid - first) * (128 * 16) + part, acc, mask=keep)
+            gl.store(ws_ptr + (blk * MAXSEG + pid - first) * (128 * BN) + part, acc, mask=keep)
             done = gl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel")
             if done == nseg - 1:
                 acc = gl.zeros([128, BN], gl.float32, layout=mma)
                 for s in range(nseg):
-                    acc += gl.load(ws_ptr + (blk * MAXSEG + s) * (128 * 16) + part, mask=keep, other=0.0,
+                    acc += gl.load(ws_ptr + (blk * MAXSEG + s) * (128 * BN) + part, mask=keep, other=0.0,
                                    cache_modifier=".cg")
                 gl.store(cnt_ptr + blk, 0)  # ready for the next call
                 _tc_epilogue(acc, xsg_ptr, svh_ptr, bias_ptr, y_ptr, M, N, k_blocks, stride_ym, blk, BN,
@@ -332,23 +332,34 @@ _PLANS: dict[tuple, tuple[dict, int, int]] = {}
 _RESIDENT: dict[tuple, int] = {}
 
 
+MAX_M = 64  # batch rows one launch takes (the generator's decode batches up to 64 sequences)
+
+
+def tc_bn(m: int) -> int:
+    """Batch columns of the mma tiles for m rows: 8, 16, 32 or 64."""
+    assert 1 <= m <= MAX_M, f"exl3_tc takes 1..{MAX_M} rows, got {m}"
+    return max(8, 1 << (m - 1).bit_length())
+
+
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
                   timeline: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
+    bn = tc_bn(m)
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
         # and more loads in flight. With three words per tile (K = 5, 6) or two mma columns (m > 8) that
         # takes 124-167 registers (3 programs per SM instead of 5), yet timed faster on an H100 in 33 of
         # 36 shape × K × m cases, the other 3 within 2 % (K = 4, m = 16, 4096→4096: 16.2 against 24.1 µs).
-        ta = 8
+        # From 32 columns on, the accumulator alone takes BN / 2 registers: 4 rows keep the rest in bounds.
+        ta = 8 if bn <= 16 else 4
     if prefetch is None:
         # Loading iteration i + 1's words before decoding iteration i's (120-161 registers) timed 1-10 %
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
         prefetch = m <= 8 and stages < 2
-    assert kt % ta == 0 and 1 <= m <= BM and not (prefetch and stages > 1)
-    return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=8 if m <= 8 else 16,
+    assert kt % ta == 0 and not (prefetch and stages > 1)
+    return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
                 PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline)
 
@@ -357,14 +368,14 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
                  prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
                  programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False):
-    """Same contract as exl3_gemv (x_h fp16 [m <= 16, k_pad] or [G <= 3, m, k_pad] with group_blocks),
+    """Same contract as exl3_gemv (x_h fp16 [m <= 64, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
     stages >= 2 (the words through shared memory by cp.async) are variants to time, see _tc_span.
     timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
     start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
-    assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16 and x_h.is_cuda
+    assert m <= MAX_M and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16 and x_h.is_cuda
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
     if depth % 16 or not 1 <= depth // 16 <= 8:
         raise ValueError(f"the tensor-core kernel handles integer K = 1..8, got trellis depth {depth}")
@@ -375,7 +386,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    key = (x_h.device, kt, nt, row_stride, depth, codebook, m <= 8, bias is not None, ta, prefetch, pingpong,
+    key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
            stages, per_sm, programs, groups > 1, timeline)
     plan = _PLANS.get(key)
 
@@ -393,7 +404,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
             lambda ws, cnt: _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS, **consts)))
     consts, programs, maxseg = plan
-    ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
+    ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * consts["BN"] * 128, nt // 8)
     clk = torch.zeros(programs, 6, device=x_h.device, dtype=torch.int64) if timeline else None
     _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt, clk), num_warps=NUM_WARPS, **consts)
     return (y, clk) if timeline else y
@@ -424,8 +435,9 @@ def compile_for_sm90(consts: dict):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
 
 
-def cubin_registers(cubin: bytes) -> int:
-    """Registers per thread of a compiled kernel, read with the cuobjdump that ships in the triton wheel."""
+def cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local-memory bytes per thread: spills) of a compiled kernel, read with the
+    cuobjdump that ships in the triton wheel."""
     import re
     import subprocess
     import tempfile
@@ -438,4 +450,9 @@ def cubin_registers(cubin: bytes) -> int:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"LOCAL:(\d+)", usage).group(1))
+
+
+def cubin_registers(cubin: bytes) -> int:
+    """Registers per thread of a compiled kernel (cubin_usage)."""
+    return cubin_usage(cubin)[0]

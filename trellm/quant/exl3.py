@@ -3,8 +3,8 @@
 Loading validates every tensor against the format (and names the tensor when it
 is wrong). The forward pass dispatches by device and batch size:
   CPU          -> the torch reference (Q decoded once and cached: CPU runs are for tests)
-  CUDA, m<=16  -> fused Triton decode-GEMV (kernels/exl3_gemv.py)
-  CUDA, m>16   -> Triton decode to an fp16 scratch + cuBLAS (kernels/exl3_dequant.py)
+  CUDA, m<=64  -> fused Triton decode-GEMV (kernels/exl3_gemv.py, exl3_tc.py; kernels/exl3_dispatch.py)
+  CUDA, larger -> Triton decode to an fp16 scratch + cuBLAS (kernels/exl3_decode.py)
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class EXL3Linear(LinearImpl):
     @staticmethod
     def fuse(impls: list[LinearImpl]) -> Callable[..., list[torch.Tensor]] | None:
         """Up to three CUDA linears with the same input size, bits and codebook, every output a multiple
-        of 128: their trellis columns are concatenated and decode batches (m <= 16) run one input
+        of 128: their trellis columns are concatenated and decode batches (m <= 64) run one input
         transform (each member's own suh) and one stream-K GEMV for all of them."""
         if not 2 <= len(impls) <= 3 or not all(isinstance(i, EXL3Linear) and i.trellis is not None for i in impls):
             return None
@@ -167,11 +167,11 @@ class EXL3Linear(LinearImpl):
 
         def run(x: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
             """rotated: had_in's output for the stacked suh, written by x's producer (LinearGroup)."""
-            from trellm.kernels.exl3_dispatch import SMALL_M, gemv_small
+            from trellm.kernels.exl3_dispatch import gemv_small, small_m_limit
             from trellm.kernels.hadamard import had_in
 
             x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] > SMALL_M:  # prefill: each member's dequantize + cuBLAS path (exl3_matmul)
+            if x2.shape[0] > small_m_limit(x2.device):  # prefill: each member's scratch + cuBLAS path
                 if rotated is None:
                     return [i(x) for i in impls]
                 return [i(x, rotated=(rotated[0][g], rotated[1][g])) for g, i in enumerate(impls)]
