@@ -360,3 +360,39 @@ def test_tensor_core_gemv_grouped_launch_on_gpu(m):
     y1 = exl3_gemv_tc(xh0, xs0, trellis[:, 256:320], svh[4096:5120], bias[4096:5120], "mul1", 1024, torch.float32)
     ref = lins[1]._forward_ref(x).float()
     assert (y1 - ref).abs().max() <= 6e-3 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_captured_graph_survives_a_larger_workspace():
+    """A CUDA graph captured with the stream-K workspace of a small batch still computes the same after a
+    larger batch made the workspace grow (the outgrown buffer must stay allocated: the graph holds it)."""
+    from trellm.kernels import exl3_gemv as gemv_module
+    from trellm.kernels.exl3_tc import exl3_gemv_tc
+    from trellm.kernels.hadamard import had_in
+
+    gemv_module._WORKSPACES.clear()
+    lin, g = _tc_case(4096, 14336, 4, "mul1", False, 11)
+    xh, xs = had_in(torch.randn(1, 4096, generator=g).cuda(), lin.suh)
+
+    def call():
+        return exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, None, "mul1", 14336, torch.float32)
+
+    want = call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    small = gemv_module._WORKSPACES[xh.device][0].numel()
+    bh, bs = had_in(torch.randn(64, 4096, generator=g).cuda(), lin.suh)
+    exl3_gemv_tc(bh, bs, lin.trellis, lin.svh, None, "mul1", 14336, torch.float32)
+    assert gemv_module._WORKSPACES[xh.device][0].numel() > small  # it grew
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.randn(2**26, device="cuda")  # reuse freed memory, if any
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)

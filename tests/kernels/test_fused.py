@@ -159,7 +159,8 @@ def check_paged_step(device: str, dt) -> list:
     fails = []
     for hq, hk, d, rd in [(6, 2, 64, 64), (4, 4, 80, 32)]:
         cfg = SimpleNamespace(num_layers=2, num_kv_heads=hk, head_dim=d)
-        caches = [PagedKVCache(cfg, num_pages=12, page_size=4, device=device, dtype=dt) for _ in range(2)]
+        ps = 4 if device == "cpu" else 16  # the CUDA attention kernel needs pages of a multiple of 16 tokens
+        caches = [PagedKVCache(cfg, num_pages=12, page_size=ps, device=device, dtype=dt) for _ in range(2)]
         order = torch.randperm(12, generator=g).tolist()
         pages = [order[0:4], order[4:8], order[8:12]]  # 16 positions per sequence, pages shuffled
         params = AttentionParams(scale=d**-0.5, window=None, softcap=None)
@@ -214,24 +215,31 @@ def test_rope_store_gpu():
 # ---- producers that also apply the next linears' EXL3 input transform ----------------------------------------
 def check_rotated(device: str, dtypes, sizes) -> list:
     """rms_norm_rotated / act_mul_rotated against the plain kernel followed by had_in's butterfly form on
-    its output (the same operations: bit for bit) and had_in_ref (fp32; one fp16 rounding); G = 1 and 3
-    suh rows, widths that are not multiples of 128 (the padding columns transform as zeros)."""
+    its output (the same operations: bit for bit in the interpreter, within last-bit differences when
+    compiled) and had_in_ref (fp32; one fp16 rounding); G = 1 and 3 suh rows, widths that are not
+    multiples of 128 (the padding columns transform as zeros), few rows (a program per 128-column block)
+    and many (the plain norm, then had_in)."""
     from trellm.kernels import hadamard
-    from trellm.kernels.fused import act_mul, act_mul_rotated, add_rms_norm, rms_norm, rms_norm_rotated
+    from trellm.kernels.fused import ROTATE_ROWS, act_mul, act_mul_rotated, add_rms_norm, rms_norm, rms_norm_rotated
     from trellm.kernels.hadamard import had_in, had_in_ref
 
     g = torch.Generator().manual_seed(3)
     fails = []
+    exact = device == "cpu"
     saved, hadamard.HAD_IN = hadamard.HAD_IN, "fwht"
     try:
+        def near(a, b, rel):
+            return torch.equal(a, b) if exact else (a.float() - b.float()).abs().max() <= rel * b.float().abs().max()
+
         def compare(what, y, rotated, suh):
             xh, xs = rotated
             if xh.shape != (suh.shape[0], y.shape[0], suh.shape[1]) or xs.shape != (*xh.shape[:2], xh.shape[2] // 128):
                 fails.append(("shape", what, tuple(xh.shape), tuple(xs.shape)))
                 return
             want_h, want_s = had_in(y, suh)
-            if not (torch.equal(xh, want_h) and torch.equal(xs, want_s)):
-                fails.append(("not had_in's bits", what, (xh.float() - want_h.float()).abs().max().item()))
+            if not (near(xh, want_h, 1e-3) and near(xs, want_s, 1e-4)):
+                fails.append(("not had_in's", what, (xh.float() - want_h.float()).abs().max().item(),
+                              (xs - want_s).abs().max().item()))
             for gi in range(suh.shape[0]):
                 ref_h, ref_s = had_in_ref(y, suh[gi])
                 if (xh[gi].float() - ref_h.float()).abs().max() > 1e-3 * ref_h.float().abs().max():
@@ -240,25 +248,26 @@ def check_rotated(device: str, dtypes, sizes) -> list:
                     fails.append(("had_in_ref sums", what, gi))
 
         for dt in dtypes:
+            ulps = 0 if exact else 2 * torch.finfo(dt).eps
             for n in sizes:
                 k_pad = (n + 127) // 128 * 128
-                for groups, offset, w32 in ((1, 0.0, False), (3, 1.0, True)):
-                    what = (str(dt), n, groups)
+                for rows, groups, offset, w32 in ((5, 1, 0.0, False), (5, 3, 1.0, True), (ROTATE_ROWS + 3, 3, 0.0, False)):
+                    what = (str(dt), n, rows, groups)
                     suh = (torch.randn(groups, k_pad, generator=g) * 0.5).half().to(device)
                     w = (torch.randn(n, generator=g) * 0.3).to(dt).to(device)
-                    x = torch.randn(1, 5, n, generator=g).to(dt).to(device)
-                    h = torch.randn(1, 5, n, generator=g).to(dt).to(device)
+                    x = torch.randn(1, rows, n, generator=g).to(dt).to(device)
+                    h = torch.randn(1, rows, n, generator=g).to(dt).to(device)
                     s, y, rot = rms_norm_rotated(h, x, w, 1e-6, offset, w32, suh)
                     want_s, want_y = add_rms_norm(h, x, w, 1e-6, offset, w32)
-                    if not (torch.equal(s, want_s) and torch.equal(y, want_y)):
+                    if not (torch.equal(s, want_s) and near(y, want_y, ulps)):
                         fails.append(("add_norm changed", what))
-                    compare(("add_norm",) + what, y.view(5, n), rot, suh)
+                    compare(("add_norm",) + what, y.view(rows, n), rot, suh)
                     s, y, rot = rms_norm_rotated(None, x, w, 1e-6, offset, w32, suh)
-                    if s is not x or not torch.equal(y, rms_norm(x, w, 1e-6, offset, w32)):
+                    if s is not x or not near(y, rms_norm(x, w, 1e-6, offset, w32), ulps):
                         fails.append(("norm changed", what))
-                    compare(("norm",) + what, y.view(5, n), rot, suh)
-                    gate = (torch.randn(3, n, generator=g) * 3).to(dt).to(device)
-                    up = torch.randn(3, n, generator=g).to(dt).to(device)
+                    compare(("norm",) + what, y.view(rows, n), rot, suh)
+                    gate = (torch.randn(rows, n, generator=g) * 3).to(dt).to(device)
+                    up = torch.randn(rows, n, generator=g).to(dt).to(device)
                     y, rot = act_mul_rotated("silu", gate, up, suh)
                     if not torch.equal(y, act_mul("silu", gate, up)):
                         fails.append(("act_mul changed", what))

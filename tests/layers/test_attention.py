@@ -61,7 +61,8 @@ def fused_store_mismatches(path, device: str, dtype: str) -> list:
 
     model = load_model(path, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(3)
-    caches = [PagedKVCache(model.config, num_pages=15, page_size=4, device=device, dtype=model.dtype)
+    ps = 4 if device == "cpu" else 16  # the CUDA attention kernel needs pages of a multiple of 16 tokens
+    caches = [PagedKVCache(model.config, num_pages=15, page_size=ps, device=device, dtype=model.dtype)
               for _ in range(2)]
     order = torch.randperm(15, generator=g).tolist()
     pages = [order[0:5], order[5:10], order[10:15]]  # 20 positions per sequence

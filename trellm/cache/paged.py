@@ -42,6 +42,9 @@ class PagedKVCache:
         self.num_pages, self.page_size = num_pages, page_size
         self.scratch = num_pages  # index of the padding rows' page (outside the pool)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and page_size % 16:
+            raise ValueError(f"page_size={page_size}: the CUDA attention kernel reads keys in blocks of at least 16 "
+                             "tokens within a page; use a multiple of 16 (the generator's default is 256)")
         shape = (num_pages + 1, page_size, cfg.num_kv_heads, cfg.head_dim)  # [pages + scratch, page_size, Hkv, D]
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.num_layers)]

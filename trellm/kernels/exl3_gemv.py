@@ -291,12 +291,18 @@ def _exl3_gemv_kernel(
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+# Workspaces that a larger one replaced, kept alive: CUDA graphs captured earlier still read and write them
+# (freed, their memory would be handed out again under the replayed kernels: illegal addresses at best).
+_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _workspace(device: torch.device, partial_floats: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial-sum buffer and zeroed counters, shared by all layers on a device (calls are stream-ordered)."""
     ws, cnt = _WORKSPACES.get(device, (None, None))
     if ws is None or ws.numel() < partial_floats or cnt.numel() < blocks:
+        if ws is not None:
+            _OUTGROWN.append((ws, cnt))
+            partial_floats, blocks = max(partial_floats, ws.numel()), max(blocks, cnt.numel())
         ws = torch.empty(max(partial_floats, 1 << 20), device=device, dtype=torch.float32)
         cnt = torch.zeros(max(blocks, 4096), device=device, dtype=torch.int32)
         _WORKSPACES[device] = (ws, cnt)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.kernels.hadamard import rotate_store, rotation_outputs
+from trellm.kernels.hadamard import had_in, rotate_store, rotation_outputs
 
 # A linear input already transformed by its producer: (x' fp16 [G, rows, k_pad], 128-block sums fp32
 # [G, rows, k_pad/128]) for the G linears that read it (layers/linear.py LinearGroup).
@@ -22,35 +22,74 @@ Rotated = tuple[torch.Tensor, torch.Tensor]
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, eps, offset,
-                     stride_x, stride_r, stride_o, HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr,
-                     ROTATE: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, stride_x, stride_r, stride_o,
+                     HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
+    x = _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    tl.store(out_ptr + row * stride_o + cols, _scaled(xf, r, w_ptr, cols, ok, offset, out_ptr, W_FP32), mask=ok)
+
+
+@triton.jit
+def _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr):
+    """x's columns `cols` of a row, or with HAS_RES h + x (rounded like torch's add), which is also stored:
+    the new residual, beside the norm."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    if HAS_RES:  # s = h + x (rounded like torch's add): the new residual, stored beside the norm
+    if HAS_RES:
         x = (tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
              + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_o + cols, x, mask=ok)
-    xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    return x
+
+
+@triton.jit
+def _scaled(xf, r, w_ptr, cols, ok, offset, out_ptr, W_FP32: tl.constexpr):
+    """xf · r · (offset + w) in the output dtype, rounded the way the model was trained."""
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     if W_FP32:  # Gemma: multiply by (offset + w) in fp32, round once
         y = xf * r * (offset + w)
     else:  # Llama: round the normalised x, multiply by the (offset-added, rounded) weight in the model dtype
         n = (xf * r).to(out_ptr.dtype.element_ty).to(tl.float32)
         y = n * (w + offset).to(out_ptr.dtype.element_ty).to(tl.float32)
-    y = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + cols, y, mask=ok)
-    if ROTATE > 0:  # the next linears' input transform, from the rounded output
-        rotate_store(tl.where(ok, y.to(tl.float32), 0.0), 0, row, suh_ptr, xh_ptr, xs_ptr, M, K_PAD, ROTATE, BLOCK)
+    return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _rms_norm_rotate_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, eps,
+                            offset, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr, W_FP32: tl.constexpr,
+                            BLOCK: tl.constexpr, G: tl.constexpr):
+    """The norm of one 128-column block of a row, and the next linears' input transform of it: each
+    program reads the whole row for the row's scale (from L2 after the first), so that a decode step's
+    few rows spread over k_pad / 128 programs each instead of one program doing all the butterflies."""
+    row, blk = tl.program_id(0), tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RES:
+        x = (tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+             + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    c = blk * 128 + tl.arange(0, 128)
+    okc = c < N
+    xb = _residual_sum(x_ptr, res_ptr, sum_ptr, row, c, okc, stride_x, stride_r, stride_o, HAS_RES)
+    y = _scaled(xb.to(tl.float32), r, w_ptr, c, okc, offset, out_ptr, W_FP32)
+    tl.store(out_ptr + row * stride_o + c, y, mask=okc)
+    rotate_store(tl.where(okc, y.to(tl.float32), 0.0), blk * 128, row, suh_ptr, xh_ptr, xs_ptr, M, K_PAD, G, 128)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., N] -> [R, N] with a unit stride along N (a view where the layout allows)."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+# Up to this many rows the norm with the input transform runs one program per (row, 128-column block); more
+# rows fill the GPU with one program per row, and the transform is had_in's launch after the plain norm.
+ROTATE_ROWS = 64
 
 
 def _norm(x2: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float,
@@ -60,19 +99,19 @@ def _norm(x2: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps:
     summed = torch.empty_like(out) if res is not None else None
     m, n = x2.shape
     block = triton.next_power_of_2(n)
-    rotated, groups, k_pad = None, 0, 0
-    if rotate is not None:
+    args = (x2, res if res is not None else x2, summed if summed is not None else x2, weight, out)
+    strides = (x2.stride(0), res.stride(0) if res is not None else 0, out.stride(0))
+    if rotate is not None and m <= ROTATE_ROWS:
         groups, k_pad = rotate.shape
         assert rotate.is_contiguous() and n <= k_pad and k_pad % 128 == 0, (n, rotate.shape)
-        block = max(block, 128)  # a power of two >= 128 covers the 128-padded row
         rotated = rotation_outputs(rotate, m)
-    xh, xs = rotated if rotated is not None else (out, out)
-    _rms_norm_kernel[(m,)](x2, res if res is not None else x2, summed if summed is not None else x2, weight,
-                           out, rotate if rotate is not None else weight, xh, xs, m, n, k_pad, eps, float(offset),
-                           x2.stride(0), res.stride(0) if res is not None else 0, out.stride(0),
-                           HAS_RES=res is not None, W_FP32=weight_in_fp32, BLOCK=block, ROTATE=groups,
-                           num_warps=min(16, max(1, block // 256)))
-    return out, summed, rotated
+        _rms_norm_rotate_kernel[(m, k_pad // 128)](*args, rotate, *rotated, m, n, k_pad, eps, float(offset), *strides,
+                                                   HAS_RES=res is not None, W_FP32=weight_in_fp32, BLOCK=block,
+                                                   G=groups, num_warps=4)
+        return out, summed, rotated
+    _rms_norm_kernel[(m,)](*args, n, eps, float(offset), *strides, HAS_RES=res is not None, W_FP32=weight_in_fp32,
+                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out, summed, had_in(out, rotate) if rotate is not None else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, weight_in_fp32: bool) -> torch.Tensor:

@@ -87,8 +87,9 @@ def rotate_store(y, c0, row, suh_ptr, out_ptr, sums_ptr, M, K_PAD, G: tl.constex
     """had_in's fwht form inside a producing kernel (RMSNorm, act·mul): for the BLOCK columns from c0
     (a multiple of 128) of one row y (fp32, already rounded to the model dtype, zero past the input's
     width), store x' = had128(y ⊙ suh[g]) in fp16 and its 128-block sums for each of G suh rows, as
-    had_in would ([G, M, K_PAD] and [G, M, K_PAD/128]). Same operations as _had_in_fwht_kernel, so the
-    same bits, and the consumer's had_in launch disappears."""
+    had_in would ([G, M, K_PAD] and [G, M, K_PAD/128]), and the consumer's had_in launch disappears.
+    The operations of _had_in_fwht_kernel: the same bits in the interpreter; compiled, the two may
+    contract a product into a sum or order a block sum differently (last-bit differences)."""
     cols = c0 + tl.arange(0, BLOCK)
     blocks = c0 // 128 + tl.arange(0, BLOCK // 128)
     kb = K_PAD // 128

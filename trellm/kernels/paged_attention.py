@@ -168,6 +168,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"paged_attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
     if k_cache.stride(3) != 1 or q.stride(2) != 1 or k_cache.stride() != v_cache.stride():
         raise ValueError("paged_attention: q and the caches need a unit stride in the head dimension")
+    if page % 16:
+        raise ValueError(f"paged_attention: pages of {page} tokens; the kernel needs a multiple of 16")
     n = q_start.shape[0]
     G = H // hkv
     G_PAD = triton.next_power_of_2(G)
