@@ -3,7 +3,7 @@ work), the generator's whole step (Generator.iterate in steady decoding: schedul
 sampling, the host sync, results) — their difference is the host's share — and the kernel-by-kernel
 breakdown of one eager step (torch.profiler, GPU time by kernel name).
 
-    python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256]
+    python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256] [--host 15 [--trace F]]
 
 The model folder is written by bench_e2e.py (same presets) when missing.
 """
@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--host", type=int, default=0, help="also list the N torch ops with the most host time "
+                    "in three generator steps (where the host share goes)")
+    ap.add_argument("--trace", help="with --host: write those steps as a Chrome trace to TRACE.bB.json")
     args = ap.parse_args()
     out = Path(args.out)
     if not (out / "config.json").is_file():
@@ -68,6 +71,16 @@ def main() -> None:
             gen.iterate()
         torch.cuda.synchronize()
         iterate_ms = (time.perf_counter() - t0) * 1000 / 20
+        if args.host:  # where the host share goes: host-side time by torch op over three steps
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as host_prof:
+                for _ in range(3):
+                    gen.iterate()
+                torch.cuda.synchronize()
+            print(f"\n-- batch {b}: three Generator.iterate steps, host time by op (self CPU time):")
+            print(host_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.host))
+            if args.trace:
+                host_prof.export_chrome_trace(f"{args.trace}.b{b}.json")
         while gen.busy:
             gen.iterate()
         segs = [Segment(i, args.ctx, 1, pages[i]) for i in range(b)]
