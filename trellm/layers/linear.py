@@ -57,8 +57,7 @@ class LinearGroup:
         if all(r is not None for r in rotations) and len({r.shape for r in rotations}) == 1:
             self.rotation = torch.stack(rotations).contiguous()  # [G, k_pad]
 
-    def __call__(self, x: torch.Tensor, rotated: Rotated | None = None
-                 ) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, rotated: Rotated | None = None) -> list[torch.Tensor]:
         """x [..., in_features] -> each member's output; `rotated` as the *_rotated producers return it
         ([G, rows, k_pad], [G, rows, k_pad/128]) for `self.rotation`."""
         if self.fused is not None:
