@@ -27,22 +27,30 @@ def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, st
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
-    x = _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES)
+    x = _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES, True)
     xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    r = _inv_rms(xf, N, eps)
     tl.store(out_ptr + row * stride_o + cols, _scaled(xf, r, w_ptr, cols, ok, offset, out_ptr, W_FP32), mask=ok)
 
 
 @triton.jit
-def _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr):
-    """x's columns `cols` of a row, or with HAS_RES h + x (rounded like torch's add), which is also stored:
-    the new residual, beside the norm."""
+def _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, ok, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr,
+                  STORE: tl.constexpr):
+    """x's columns `cols` of a row, or with HAS_RES h + x (rounded like torch's add), which STORE also
+    writes: the new residual, beside the norm."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
     if HAS_RES:
         x = (tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
              + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(sum_ptr + row * stride_o + cols, x, mask=ok)
+        if STORE:
+            tl.store(sum_ptr + row * stride_o + cols, x, mask=ok)
     return x
+
+
+@triton.jit
+def _inv_rms(xf, N, eps):
+    """1 / rms of a whole row xf [BLOCK] (fp32, zero past N)."""
+    return 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
 
 
 @triton.jit
@@ -66,16 +74,11 @@ def _rms_norm_rotate_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, suh_ptr, xh
     few rows spread over k_pad / 128 programs each instead of one program doing all the butterflies."""
     row, blk = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
-    if HAS_RES:
-        x = (tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-             + x.to(tl.float32)).to(res_ptr.dtype.element_ty)
-    xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    x = _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, cols < N, stride_x, stride_r, stride_o, HAS_RES, False)
+    r = _inv_rms(x.to(tl.float32), N, eps)
     c = blk * 128 + tl.arange(0, 128)
     okc = c < N
-    xb = _residual_sum(x_ptr, res_ptr, sum_ptr, row, c, okc, stride_x, stride_r, stride_o, HAS_RES)
+    xb = _residual_sum(x_ptr, res_ptr, sum_ptr, row, c, okc, stride_x, stride_r, stride_o, HAS_RES, True)
     y = _scaled(xb.to(tl.float32), r, w_ptr, c, okc, offset, out_ptr, W_FP32)
     tl.store(out_ptr + row * stride_o + c, y, mask=okc)
     rotate_store(tl.where(okc, y.to(tl.float32), 0.0), blk * 128, row, suh_ptr, xh_ptr, xs_ptr, M, K_PAD, G, 128)
@@ -128,11 +131,12 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
 
 def rms_norm_rotated(residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                     offset: float, weight_in_fp32: bool, rotate: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, Rotated]:
+                     offset: float, weight_in_fp32: bool, rotate: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, Rotated | None]:
     """RMSNorm of residual + x (of x alone without a residual) that also applies the next linears' input
     transform (hadamard.rotate_store; `rotate` = their suh [G, k_pad]): returns (the sum — x itself
-    without a residual —, the norm, (x' [G, rows, k_pad], block sums [G, rows, k_pad/128]))."""
+    without a residual —, the norm, (x' [G, rows, k_pad], block sums [G, rows, k_pad/128]), or None
+    without `rotate`)."""
     out, summed, rotated = _norm(_rows(x), _rows(residual) if residual is not None else None, weight, eps, offset,
                                  weight_in_fp32, rotate)
     return (summed.view(x.shape) if summed is not None else x), out.view(x.shape), rotated
@@ -271,10 +275,12 @@ def _act_mul_kernel(g_ptr, u_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD,
 ACT_CODES = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1, "gelu": 2, "relu": 3}
 
 
-def _act_mul(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tensor | None
-             ) -> tuple[torch.Tensor, Rotated | None]:
-    m, n = gate.reshape(-1, gate.shape[-1]).shape
+def act_mul_rotated(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, Rotated | None]:
+    """act(gate) · up and, with `rotate` (the consuming linears' suh [G, k_pad]), their transformed input,
+    as rms_norm_rotated; (product, None) without."""
     g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
     out = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
     rotated, groups, k_pad, width = None, 0, 0, n
@@ -291,11 +297,4 @@ def _act_mul(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tenso
 
 def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """act(gate) · up, elementwise over [.., N] tensors with unit last stride."""
-    return _act_mul(act, gate, up, None)[0]
-
-
-def act_mul_rotated(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torch.Tensor
-                    ) -> tuple[torch.Tensor, Rotated]:
-    """act(gate) · up and the consuming linears' transformed input (rotate: their suh [G, k_pad]), as
-    rms_norm_rotated."""
-    return _act_mul(act, gate, up, rotate)
+    return act_mul_rotated(act, gate, up, None)[0]

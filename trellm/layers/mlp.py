@@ -53,7 +53,5 @@ class GatedMLP(nn.Module):
             if self.gate_up is None:
                 return self.down_proj(act_mul(self.act_name, self.gate_proj(x), self.up_proj(x)))
             gate, up = self.gate_up(x, rotated)
-            if self.down.rotation is None:
-                return self.down(act_mul(self.act_name, gate, up))[0]
             return self.down(*act_mul_rotated(self.act_name, gate, up, self.down.rotation))[0]
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

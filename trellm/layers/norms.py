@@ -28,24 +28,20 @@ class RMSNorm(nn.Module):
             return rms_norm(x, self.weight, self.eps, self.offset, self.weight_in_fp32)
         return self._forward_ref(x)
 
-    def add_norm(self, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h + x, norm(h + x)): the residual add and the next norm, one kernel on CUDA."""
+    def norm_for(self, h: torch.Tensor, x: torch.Tensor | None, rotate: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(h + x — h itself without x —, its norm, the consuming linears' input transform of the norm for
+        their stacked rotation `rotate` [G, k_pad] — None without): the residual add, the norm and the
+        transform in one kernel on CUDA (layers/linear.py LinearGroup; rotations exist only there)."""
         if h.is_cuda:
-            from trellm.kernels.fused import add_rms_norm
+            from trellm.kernels.fused import rms_norm_rotated
 
-            return add_rms_norm(h, x, self.weight, self.eps, self.offset, self.weight_in_fp32)
-        h = h + x
-        return h, self(h)
-
-    def norm_rotated(self, h: torch.Tensor, x: torch.Tensor | None, rotate: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """CUDA: (h + x — h without x —, its norm, the consuming linears' input transform of the norm
-        for their stacked rotation `rotate` [G, k_pad]) in one kernel (layers/linear.py LinearGroup)."""
-        from trellm.kernels.fused import rms_norm_rotated
-
-        if x is None:
-            return rms_norm_rotated(None, h, self.weight, self.eps, self.offset, self.weight_in_fp32, rotate)
-        return rms_norm_rotated(h, x, self.weight, self.eps, self.offset, self.weight_in_fp32, rotate)
+            residual, x = (None, h) if x is None else (h, x)
+            return rms_norm_rotated(residual, x, self.weight, self.eps, self.offset, self.weight_in_fp32, rotate)
+        assert rotate is None, "input transforms are made by the CUDA kernels"
+        if x is not None:
+            h = h + x
+        return h, self(h), None
 
     def _forward_ref(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

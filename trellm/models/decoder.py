@@ -6,7 +6,7 @@
     logits = [softcap]( lm_head( norm(h) ) )
 
 In the model's forward every residual add runs inside the kernel of the norm that follows it
-(RMSNorm.add_norm), and on CUDA the EXL3 input transform of the linears after a norm or act·mul runs
+(RMSNorm.norm_for), and on CUDA the EXL3 input transform of the linears after a norm or act·mul runs
 inside that kernel too (layers/linear.py LinearGroup).
 What differs between architectures is declared in their ArchSpec (models/registry.py);
 nothing here branches on an architecture's name or on the quantization format.
@@ -46,6 +46,11 @@ def fused_parts(cfg: ModelConfig, spec: ArchSpec) -> dict[str, FusedPart]:
     return parts
 
 
+def _rotation(group: LinearGroup | None) -> torch.Tensor | None:
+    """The input transform a group's producer applies for it (None before fuse_projections or without one)."""
+    return group.rotation if group is not None else None
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: ArchSpec, idx: int, method_for: MethodFor):
         super().__init__()
@@ -83,22 +88,11 @@ class DecoderLayer(nn.Module):
         """The layer on the residual h + pending, returning (residual, mlp output) without their sum: the
         next layer's (or the final) norm adds it in its own kernel, saving one launch per layer."""
         # Where the projections transform their input first (EXL3 on CUDA), the norm kernels do it.
-        qkv, gate_up = self.self_attn.qkv, self.mlp.gate_up
-        rot = None
-        if qkv is not None and qkv.rotation is not None:
-            h, x, rot = self.attn_norm.norm_rotated(h, pending, qkv.rotation)
-        elif pending is None:
-            x = self.attn_norm(h)
-        else:
-            h, x = self.attn_norm.add_norm(h, pending)
+        h, x, rot = self.attn_norm.norm_for(h, pending, _rotation(self.self_attn.qkv))
         a = self.self_attn(x, cos, sin, backend, rot)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
-        if gate_up is not None and gate_up.rotation is not None:
-            h, x, rot = self.mlp_norm.norm_rotated(h, a, gate_up.rotation)
-        else:
-            h, x = self.mlp_norm.add_norm(h, a)  # h + a and its norm (one kernel on CUDA)
-            rot = None
+        h, x, rot = self.mlp_norm.norm_for(h, a, _rotation(self.mlp.gate_up))  # h + a and its norm
         m = self.mlp(x, rot)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
@@ -203,11 +197,8 @@ class DecoderModel(nn.Module):
             h, pending = h[:, -1:], pending[:, -1:]
         elif select is not None:
             h, pending = h[:, select], pending[:, select]
-        if self.head is not None and self.head.rotation is not None:
-            _, x, rot = self.norm.norm_rotated(h, pending, self.head.rotation)
-            logits = self.head(x, rot)[0]
-        else:
-            logits = self.lm_head(self.norm.add_norm(h, pending)[1])
+        _, x, rot = self.norm.norm_for(h, pending, _rotation(self.head))
+        logits = self.head(x, rot)[0] if self.head is not None else self.lm_head(x)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
