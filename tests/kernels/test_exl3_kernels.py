@@ -213,7 +213,7 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
     (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}),
     (4, "mul1", 1, {"l2_ahead": 2}), (6, "mcg", 16, {"l2_ahead": 1}), (2, "mul1", 4, {"l2_ahead": 3, "pingpong": True}),
-    (4, "mul1", 1, {"l2_ahead": 0})])
+    (4, "mul1", 1, {"l2_ahead": 0}), (4, "mul1", 1, {"l2_ahead": 2, "pdl": True}), (5, "mcg", 16, {"pdl": True})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_usage, tc_constexprs
 
@@ -221,6 +221,7 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     kernel = compile_for_sm90(consts)
     ptx = kernel.asm["ptx"]
     assert ("prefetch.global.L2" in ptx) == (consts["L2AHEAD"] > 0)
+    assert ("griddepcontrol.wait" in ptx) == opts.get("pdl", False)
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
     assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build
@@ -401,3 +402,55 @@ def test_captured_graph_survives_a_larger_workspace():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4])
+def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
+    """With programmatic dependent launch (TRELLM_PDL) the GEMVs start while the norm / act·mul before them
+    runs and wait for their input: norm → GEMV → act·mul → GEMV gives bit for bit what serial launches give,
+    eagerly and replayed from a CUDA graph, with and without the L2 prefetch before the wait."""
+    import trellm.kernels as kernels
+    from trellm.kernels import exl3_gemv as gemv_mod
+    from trellm.kernels import exl3_tc as tc_mod
+    from trellm.kernels.exl3_dispatch import gemv_small
+    from trellm.kernels.fused import act_mul_rotated, rms_norm_rotated
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    up, g = _tc_case(1024, 2 * 2816, 4, "mul1", False, 7 + m)
+    down, _ = _tc_case(2816, 1024, 3, "mul1", True, 8 + m)
+    x = torch.randn(m, 1024, generator=g).cuda().to(torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(1024, generator=g)).cuda().to(torch.bfloat16)
+
+    def chain():
+        _, _, rot = rms_norm_rotated(None, x, w, 1e-5, 0.0, False, up.suh[None])
+        h = gemv_small(*rot, up.trellis, up.svh, None, "mul1", 2 * 2816, torch.bfloat16)
+        _, rot2 = act_mul_rotated("silu", h[:, :2816], h[:, 2816:], down.suh[None])
+        return gemv_small(*rot2, down.trellis, down.svh, down.bias, "mul1", 1024, torch.bfloat16)
+
+    serial = chain()
+    hr = up._forward_ref(torch.nn.functional.rms_norm(x.float(), (1024,), w.float(), 1e-5)).float()
+    ref = down._forward_ref(torch.nn.functional.silu(hr[:, :2816]) * hr[:, 2816:]).float()
+    assert (serial.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+    monkeypatch.setattr(kernels, "PDL", True)
+    kernels.pdl_on.cache_clear()
+    try:
+        assert kernels.pdl_on(x.device)
+        for l2 in (0, 2):
+            monkeypatch.setattr(gemv_mod, "L2_AHEAD", l2)
+            monkeypatch.setattr(tc_mod, "L2_AHEAD", l2)
+            torch.testing.assert_close(chain(), serial, rtol=0, atol=0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                chain()  # plans and compiles outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            for _ in range(3):
+                graph.replay()
+                torch.testing.assert_close(out, serial, rtol=0, atol=0)
+    finally:
+        kernels.pdl_on.cache_clear()

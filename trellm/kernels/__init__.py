@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (an H100's 132 elsewhere: interpreter runs)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# Programmatic dependent launch (sm_90+): the small-m GEMVs are launched so that they may start while the
+# kernel before them (the norm, act·mul or had_in that makes their input) still runs; they ask L2 for their
+# first weights, then wait for that kernel's output (grid_wait), and the producing kernels let them in at
+# their own start (grid_release). TRELLM_PDL=1 turns it on; off by default until timed.
+PDL = os.environ.get("TRELLM_PDL", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_on(device: torch.device) -> bool:
+    """Whether launches on this device use programmatic dependent launch (PDL and Hopper or newer)."""
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def grid_wait():
+    """Wait until the grid this one depends on has finished and its writes are visible (returns at once
+    when the launch was not a dependent one)."""
+    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def grid_release():
+    """Let the dependent grid launch once every program of this one has released or exited (it still waits
+    for this grid's completion before reading what it writes)."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+                              pack=1)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.kernels import sm_count
+from trellm.kernels import grid_wait, pdl_on, sm_count
 from trellm.kernels.exl3_decode import (
     CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, prefetch_l2, split4,
 )
@@ -250,7 +250,7 @@ def _exl3_gemv_kernel(
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
     STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False, DIRECT: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, L2AHEAD: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = False, L2AHEAD: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
     equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
@@ -260,7 +260,11 @@ def _exl3_gemv_kernel(
 
     Up to three linears that share an input run as one (q/k/v, gate/up): their trellis columns are
     concatenated, and column blocks from GB1 (from GB2) read the second (third) transformed input,
-    stride_xg / stride_sg further on. NT is the trellis row stride in tiles."""
+    stride_xg / stride_sg further on. NT is the trellis row stride in tiles.
+
+    PDL (a dependent launch, see trellm.kernels.PDL): the program may start before the kernel that wrote x'
+    has finished; it asks L2 for its first segment's first L2AHEAD iterations of words (which no kernel
+    writes), then waits for that kernel before touching x', the workspace or y."""
     pid = tl.program_id(0)
     # Rows of a partial sum: the one real row with DIRECT (the epilogue's output Hadamard and the stream-K
     # partial sums then skip the 15 padding rows); 16 otherwise, the form timed on the GPU so far.
@@ -268,6 +272,12 @@ def _exl3_gemv_kernel(
     rows = tl.arange(0, R)
     u = pid * U // P
     u_end = (pid + 1) * U // P
+    if PDL:
+        blk = u // CH
+        c0 = u - blk * CH
+        for j in tl.static_range(L2AHEAD):
+            _prefetch_tiles(tr_ptr, (c0 + j) * TA, blk * 8, NT, (j < u_end - u) & (c0 + j < CH), K, TA, 8)
+        grid_wait()
     while u < u_end:
         blk = u // CH
         c0 = u - blk * CH
@@ -404,6 +414,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     stages = stages if stages is not None else (1 if direct or prefetch else 2)
     use_asm = x_h.is_cuda if use_asm is None else use_asm
     l2_ahead = (L2_AHEAD if l2_ahead is None else l2_ahead) if (direct or prefetch) and use_asm else 0
+    pdl = pdl_on(x_h.device)
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
     groups = x_h.shape[0] if x_h.dim() == 3 else 1
@@ -418,7 +429,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     tr = trellis.view(torch.int32)
     # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
     key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
-           stages, probe, groups > 1, direct, prefetch, l2_ahead)
+           stages, probe, groups > 1, direct, prefetch, l2_ahead, pdl)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
@@ -439,14 +450,14 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
                       USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2,
                       KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
-                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, L2AHEAD=l2_ahead)
+                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, L2AHEAD=l2_ahead, PDL=pdl)
         ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // ta, per_sm, programs, _RESIDENT, ckey, num_warps,
-            lambda ws, cnt: _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), **consts)))
+            lambda ws, cnt: _exl3_gemv_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), launch_pdl=pdl, **consts)))
     consts, programs, maxseg = plan
     ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * BM * 128, nt // 8)
-    _exl3_gemv_kernel[(programs,)](*args(programs, maxseg, ws, cnt), **consts)
+    _exl3_gemv_kernel[(programs,)](*args(programs, maxseg, ws, cnt), launch_pdl=consts["PDL"], **consts)
     return y
 
 

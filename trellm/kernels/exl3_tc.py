@@ -37,6 +37,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from trellm.kernels import grid_wait, pdl_on
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window, prefetch_l2
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
@@ -205,6 +206,22 @@ def _tc_prefetch(src, i, n_iter):
 
 
 @gluon.jit
+def _prefetch_rows(tr_ptr, row0, n_rows, col_tile, NT: gl.constexpr, K: gl.constexpr, ROWS: gl.constexpr):
+    """L2 prefetch of tile rows [row0, row0 + min(ROWS, n_rows)) of the 8 tile columns from col_tile: one
+    address per 128-byte line (tiles of 96, 160, 192, 224 bytes may straddle one more line: their last word)."""
+    B: gl.constexpr = 32 * K
+    NL: gl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
+    NLP: gl.constexpr = 1 if NL == 1 else (2 if NL == 2 else 4)
+    lay: gl.constexpr = gl.BlockedLayout([1, 1, NLP], [4, 8, 1], [4, 1, 1], [2, 1, 0])  # NUM_WARPS warps
+    a = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, lay)))[:, None, None]
+    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, lay)))[None, :, None]
+    q = gl.arange(0, NLP, layout=gl.SliceLayout(0, gl.SliceLayout(1, lay)))[None, None, :]
+    word = gl.minimum(32 * q, 8 * K - 1)
+    ptr = tr_ptr + ((row0 + a) * NT + col_tile + c) * (8 * K) + word
+    prefetch_l2(ptr, ((a < n_rows) & (q < NL) & (c >= 0)).to(gl.int32))
+
+
+@gluon.jit
 def _tc_loads(src, i, K: gl.constexpr):
     """Iteration i's trellis words (the third only for K > 4, whose lane streams span three words) and
     its x rows (batch rows past M as zeros). src = (word pointers p0 p1 p2, x pointers, batch-row
@@ -272,13 +289,15 @@ def _exl3_tc_kernel(
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
     PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, L2AHEAD: gl.constexpr = 0,
+    PDL: gl.constexpr = False,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
     finish adds them in slot order and runs the epilogue. NT (the trellis row stride in tiles) is a
     constant so that every word load is an immediate offset from one per-lane pointer. TIMELINE (a
     diagnostic, benchmarks/timeline_tc.py) records per program: the SM, global-timer ns at start and
-    end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]."""
+    end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]. PDL: as exl3_gemv's
+    kernel (a dependent launch: L2 prefetch of the first segment's first L2AHEAD iterations, then wait)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     pid = gl.program_id(0)
     if TIMELINE:
@@ -291,6 +310,12 @@ def _exl3_tc_kernel(
     part = cr[:, None] * BN + cm[None, :]  # a slot holds [128, BN] fp32
     u = pid * U // P
     u_end = (pid + 1) * U // P
+    if PDL:
+        if L2AHEAD > 0:
+            blk = u // CH
+            c0 = u - blk * CH
+            _prefetch_rows(tr_ptr, c0 * TA, gl.minimum(u_end - u, CH - c0) * TA, blk * 8, NT, K, L2AHEAD * TA)
+        grid_wait()
     while u < u_end:
         blk = u // CH
         c0 = u - blk * CH
@@ -366,7 +391,7 @@ def tc_bn(m: int) -> int:
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
-                  timeline: bool = False, l2_ahead: int | None = None) -> dict:
+                  timeline: bool = False, l2_ahead: int | None = None, pdl: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -385,7 +410,7 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
                 PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline,
-                L2AHEAD=(L2_AHEAD if l2_ahead is None else l2_ahead) if stages < 2 else 0)
+                L2AHEAD=(L2_AHEAD if l2_ahead is None else l2_ahead) if stages < 2 else 0, PDL=pdl)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
@@ -411,8 +436,9 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
+    pdl = pdl_on(x_h.device)
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
-           stages, per_sm, programs, groups > 1, timeline, l2_ahead)
+           stages, per_sm, programs, groups > 1, timeline, l2_ahead, pdl)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -423,15 +449,17 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, l2_ahead)
+                               pingpong, stages, timeline, l2_ahead, pdl)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
-            lambda ws, cnt: _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS, **consts)))
+            lambda ws, cnt: _exl3_tc_kernel.warmup(*args(1, 1, ws, cnt), grid=(1,), num_warps=NUM_WARPS,
+                                                   launch_pdl=pdl, **consts)))
     consts, programs, maxseg = plan
     ws, cnt = _workspace(x_h.device, nt // 8 * maxseg * consts["BN"] * 128, nt // 8)
     clk = torch.zeros(programs, 6, device=x_h.device, dtype=torch.int64) if timeline else None
-    _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt, clk), num_warps=NUM_WARPS, **consts)
+    _exl3_tc_kernel[(programs,)](*args(programs, maxseg, ws, cnt, clk), num_warps=NUM_WARPS,
+                                 launch_pdl=consts["PDL"], **consts)
     return (y, clk) if timeline else y
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trellm.kernels import grid_release, pdl_on
 from trellm.kernels.hadamard import had_in, rotate_store, rotation_outputs
 
 # A linear input already transformed by its producer: (x' fp16 [G, rows, k_pad], 128-block sums fp32
@@ -23,7 +24,10 @@ Rotated = tuple[torch.Tensor, torch.Tensor]
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, eps, offset, stride_x, stride_r, stride_o,
-                     HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr,
+                     RELEASE: tl.constexpr = False):
+    if RELEASE:  # the linear after the norm may launch now (it waits for this kernel's output)
+        grid_release()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -68,10 +72,12 @@ def _scaled(xf, r, w_ptr, cols, ok, offset, out_ptr, W_FP32: tl.constexpr):
 @triton.jit
 def _rms_norm_rotate_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, eps,
                             offset, stride_x, stride_r, stride_o, HAS_RES: tl.constexpr, W_FP32: tl.constexpr,
-                            BLOCK: tl.constexpr, G: tl.constexpr):
+                            BLOCK: tl.constexpr, G: tl.constexpr, RELEASE: tl.constexpr = False):
     """The norm of one 128-column block of a row, and the next linears' input transform of it: each
     program reads the whole row for the row's scale (from L2 after the first), so that a decode step's
     few rows spread over k_pad / 128 programs each instead of one program doing all the butterflies."""
+    if RELEASE:
+        grid_release()
     row, blk = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK)
     x = _residual_sum(x_ptr, res_ptr, sum_ptr, row, cols, cols < N, stride_x, stride_r, stride_o, HAS_RES, False)
@@ -110,10 +116,10 @@ def _norm(x2: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps:
         rotated = rotation_outputs(rotate, m)
         _rms_norm_rotate_kernel[(m, k_pad // 128)](*args, rotate, *rotated, m, n, k_pad, eps, float(offset), *strides,
                                                    HAS_RES=res is not None, W_FP32=weight_in_fp32, BLOCK=block,
-                                                   G=groups, num_warps=4)
+                                                   G=groups, RELEASE=pdl_on(x2.device), num_warps=4)
         return out, summed, rotated
     _rms_norm_kernel[(m,)](*args, n, eps, float(offset), *strides, HAS_RES=res is not None, W_FP32=weight_in_fp32,
-                           BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                           BLOCK=block, RELEASE=pdl_on(x2.device), num_warps=min(16, max(1, block // 256)))
     return out, summed, had_in(out, rotate) if rotate is not None else None
 
 
@@ -249,7 +255,9 @@ def _tanh(x):
 
 @triton.jit
 def _act_mul_kernel(g_ptr, u_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, M, N, K_PAD, stride_g, stride_u, stride_o,
-                    ACT: tl.constexpr, BLOCK: tl.constexpr, ROTATE: tl.constexpr):
+                    ACT: tl.constexpr, BLOCK: tl.constexpr, ROTATE: tl.constexpr, RELEASE: tl.constexpr = False):
+    if RELEASE:  # the down projection may launch now
+        grid_release()
     row, pid = tl.program_id(0), tl.program_id(1)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -291,7 +299,8 @@ def act_mul_rotated(act: str, gate: torch.Tensor, up: torch.Tensor, rotate: torc
     xh, xs = rotated if rotated is not None else (out, out)
     _act_mul_kernel[(m, triton.cdiv(width, block))](g2, u2, out, rotate if rotate is not None else out, xh, xs, m, n,
                                                     k_pad, g2.stride(0), u2.stride(0), out.stride(0),
-                                                    ACT=ACT_CODES[act], BLOCK=block, ROTATE=groups)
+                                                    ACT=ACT_CODES[act], BLOCK=block, ROTATE=groups,
+                                                    RELEASE=pdl_on(gate.device))
     return out.view(gate.shape), rotated
 
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trellm.kernels import grid_release, pdl_on
 from trellm.quant.exl3_format import had128, hadamard_matrix
 
 _H_CACHE: dict[torch.device, torch.Tensor] = {}
@@ -38,7 +39,10 @@ def hadamard_128(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr):
+def _had_in_kernel(x_ptr, suh_ptr, h_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr,
+                   RELEASE: tl.constexpr = False):
+    if RELEASE:  # the linear consuming x' may launch now (it waits for this kernel's output)
+        grid_release()
     pid_m, pid_k, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)  # [BM]
     cols = pid_k * 128 + tl.arange(0, 128)  # [128]
@@ -67,9 +71,12 @@ def _fwht128(y):
 
 
 @triton.jit
-def _had_in_fwht_kernel(x_ptr, suh_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr):
+def _had_in_fwht_kernel(x_ptr, suh_ptr, out_ptr, sums_ptr, M, K, K_PAD, stride_xm, stride_om, BM: tl.constexpr,
+                        RELEASE: tl.constexpr = False):
     """had_in by butterflies in fp32 instead of a product with H: no 32 KB matrix per program, and BM
     may be as small as the batch (1 row at m = 1)."""
+    if RELEASE:
+        grid_release()
     pid_m, pid_k, grp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * 128 + tl.arange(0, 128)
@@ -146,10 +153,11 @@ def had_in(x: torch.Tensor, suh: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if HAD_IN == "fwht":
         bm = min(16, triton.next_power_of_2(m))
         grid = (triton.cdiv(m, bm), k_pad // 128, suh.numel() // k_pad)
-        _had_in_fwht_kernel[grid](x, suh, out, sums, m, k, k_pad, x.stride(0), k_pad, BM=bm)
+        _had_in_fwht_kernel[grid](x, suh, out, sums, m, k, k_pad, x.stride(0), k_pad, BM=bm, RELEASE=pdl_on(x.device))
     else:
         grid = (triton.cdiv(m, 16), k_pad // 128, suh.numel() // k_pad)
-        _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, k_pad, x.stride(0), k_pad, BM=16)
+        _had_in_kernel[grid](x, suh, hadamard_128(x.device), out, sums, m, k, k_pad, x.stride(0), k_pad, BM=16,
+                             RELEASE=pdl_on(x.device))
     return out, sums
 
 
