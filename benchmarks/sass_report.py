@@ -33,7 +33,7 @@ SIGNATURE = {
     "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32",
     "K": "constexpr", "CODEBOOK": "constexpr", "TA": "constexpr", "FMA": "constexpr", "HAS_BIAS": "constexpr",
     "USE_ASM": "constexpr", "C1": "constexpr", "C2": "constexpr", "KB_P2": "constexpr", "STAGES": "constexpr",
-    "DIRECT": "constexpr", "PREFETCH": "constexpr", "L2AHEAD": "constexpr", "PDL": "constexpr",
+    "DIRECT": "constexpr", "PREFETCH": "constexpr", "PDL": "constexpr",
 }
 # What a launch on a Llama shape specialises on (multiples of 16; M = 1 becomes a constant for the FMA kind).
 DIVISIBLE = ("N", "NT", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
@@ -50,8 +50,7 @@ def main() -> None:
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
     ap.add_argument("--direct", action="store_true", help="per-thread loads of the words (FMA kind)")
     ap.add_argument("--prefetch", action="store_true", help="direct loads, next iteration's words prefetched")
-    ap.add_argument("--l2ahead", type=int, default=0, help="L2 prefetch this many iterations ahead (direct / tc)")
-    ap.add_argument("--pdl", action="store_true", help="compile as a dependent launch (prefetch, then wait)")
+    ap.add_argument("--pdl", action="store_true", help="compile as a dependent launch (waits first)")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
@@ -63,7 +62,7 @@ def main() -> None:
         from trellm.kernels import exl3_tc
 
         consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
-                                       False, False, ta=args.ta, l2_ahead=args.l2ahead, pdl=args.pdl)
+                                       False, False, ta=args.ta, pdl=args.pdl)
         kernel = exl3_tc.compile_for_sm90(consts)
         args.ta = consts["TA"]
         args.warps = exl3_tc.NUM_WARPS
@@ -79,7 +78,7 @@ def compile_gemv(args):
     consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
               "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32, "STAGES": args.stages,
               "DIRECT": args.direct or args.prefetch, "PREFETCH": args.prefetch,
-              "L2AHEAD": args.l2ahead, "PDL": args.pdl}
+              "PDL": args.pdl}
     if args.kind == "fma":
         sig["M"], consts["M"] = "constexpr", 1
     names = list(sig)
@@ -118,8 +117,7 @@ def summarise(kernel, args) -> None:
         s_, e_ = min(outer, key=lambda r: r[1] - r[0])
         print(f"per segment outside the K-loop: {sum(1 for a, _ in ins if s_ <= a <= e_) - len(body)} instructions")
     print(collections.Counter(op.split(".")[0] for op in body).most_common(20))
-    print("memory:", collections.Counter(op for op in body if op.startswith(("LDG", "LDS", "STS", "SHFL", "LDL", "STL",
-                                                                              "CCTL"))))
+    print("memory:", collections.Counter(op for op in body if op.startswith(("LDG", "LDS", "STS", "SHFL", "LDL", "STL"))))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), 
 `tc8x2` with 2 programs per SM instead of the resident count, `tc8p` / `tc4p` with the next iteration's
 words and x rows loaded before the current ones are decoded (`q`: the same in two alternating register
 sets; `n`: without; none: the default for m),
-`tcns3` with the words staged three iterations deep through shared memory by cp.async. A suffix lN (either
-kernel, e.g. 16x4x1dl2, tcl4) asks L2 for the words N iterations ahead (prefetch_l2); without it the
-kernels' default (TRELLM_L2_AHEAD).
+`tcns3` with the words staged three iterations deep through shared memory by cp.async.
 """
 
 from __future__ import annotations
@@ -61,34 +59,31 @@ def main() -> None:
                 xh, xs = had_in(x, layers[0].suh)
                 ref = exl3_gemv_ref(xh, xs, layers[0].trellis, layers[0].svh, None, "mul1", n, torch.float32)
                 for config in args.configs.split(","):
-                    l2m = re.search(r"l(\d+)$", config)
-                    l2 = int(l2m.group(1)) if l2m else None
-                    spec = config[: l2m.start()] if l2m else config
-                    if spec.startswith("tc"):
+                    if config.startswith("tc"):
                         from trellm.kernels.exl3_tc import exl3_gemv_tc
 
-                        ta_s, pf, st, per_sm_s = re.fullmatch(r"tc(\d*)([pnq]?)(?:s(\d))?(?:x(\d+))?", spec).groups()
+                        ta_s, pf, st, per_sm_s = re.fullmatch(r"tc(\d*)([pnq]?)(?:s(\d))?(?:x(\d+))?", config).groups()
 
                         def fn(lay, ta=int(ta_s) if ta_s else None, per_sm=int(per_sm_s) if per_sm_s else None,
                                prefetch={"p": True, "q": True, "n": False}.get(pf), pingpong=pf == "q",
-                               stages=int(st or 0), l2=l2):
+                               stages=int(st or 0)):
                             return exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16,
                                                 ta=ta, per_sm=per_sm, prefetch=prefetch, pingpong=pingpong,
-                                                stages=stages, l2_ahead=l2)
+                                                stages=stages)
                         report(k, n, bits, m, config, fn, layers, ref, args.probe)
                         continue
-                    loads = spec[-1] if spec[-1] in "dp" else ""
-                    ta, nw, stages, *per_sm = map(int, spec.rstrip("dp").split("x"))
+                    loads = config[-1] if config[-1] in "dp" else ""
+                    ta, nw, stages, *per_sm = map(int, config.rstrip("dp").split("x"))
 
-                    def fn(lay, ta=ta, nw=nw, stages=stages, per_sm=per_sm[0] if per_sm else None, loads=loads, l2=l2):
+                    def fn(lay, ta=ta, nw=nw, stages=stages, per_sm=per_sm[0] if per_sm else None, loads=loads):
                         return exl3_gemv(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16, ta=ta,
                                          num_warps=nw, per_sm=per_sm, stages=stages, probe=args.probe,
-                                         direct=loads == "d", prefetch=loads == "p", l2_ahead=l2)
+                                         direct=loads == "d", prefetch=loads == "p")
 
                     report(k, n, bits, m, config, fn, layers, ref, args.probe)
     for key, per_sm in _RESIDENT.items():
         print("resident per SM", per_sm, {k: v for k, v in key[1]
-                                           if k in ("K", "TA", "FMA", "num_warps", "STAGES", "DIRECT", "PREFETCH", "L2AHEAD")})
+                                           if k in ("K", "TA", "FMA", "num_warps", "STAGES", "DIRECT", "PREFETCH")})
 
 
 if __name__ == "__main__":

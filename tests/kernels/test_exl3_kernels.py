@@ -167,12 +167,12 @@ def test_direct_load_gemv_matches_reference_on_gpu(k, n, bits, codebook):
     x = torch.randn(1, k, generator=g).cuda()
     xh, xs = had_in(x, lin.suh)
     ref = lin._forward_ref(x).float()
-    for prefetch, l2_ahead in ((False, 0), (True, 0), (False, 2), (True, 1)):
+    for prefetch in (False, True):
         y = exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32, direct=True,
-                      prefetch=prefetch, l2_ahead=l2_ahead)
+                      prefetch=prefetch)
         assert (y - ref).abs().max() <= 6e-3 * ref.abs().max()
         torch.testing.assert_close(exl3_gemv(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, n, torch.float32,
-                                             direct=True, prefetch=prefetch, l2_ahead=l2_ahead), y, rtol=0, atol=0)
+                                             direct=True, prefetch=prefetch), y, rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -211,17 +211,14 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (3, "mul1", 1, {"prefetch": False}), (8, "mul1", 16, {"prefetch": True}), (4, "mul1", 1, {"timeline": True}),
     (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2}),
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
-    (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}),
-    (4, "mul1", 1, {"l2_ahead": 2}), (6, "mcg", 16, {"l2_ahead": 1}), (2, "mul1", 4, {"l2_ahead": 3, "pingpong": True}),
-    (4, "mul1", 1, {"l2_ahead": 0}), (4, "mul1", 1, {"l2_ahead": 2, "pdl": True}), (5, "mcg", 16, {"pdl": True})])
+    (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}), (4, "mul1", 1, {"pdl": True}),
+    (5, "mcg", 16, {"pdl": True})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_usage, tc_constexprs
 
-    consts = tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1, **opts)
-    kernel = compile_for_sm90(consts)
+    kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1, **opts))
     ptx = kernel.asm["ptx"]
-    assert ("prefetch.global.L2" in ptx) == (consts["L2AHEAD"] > 0)
-    assert ("griddepcontrol.wait" in ptx) == opts.get("pdl", False)
+    assert ("griddepcontrol.wait" in ptx) == opts.get("pdl", False)  # a dependent launch waits for its input
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
     assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build
@@ -323,14 +320,13 @@ def test_tensor_core_gemv_matches_reference_on_gpu(k, n, m, bits, codebook):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"prefetch": True, "pingpong": True},
-                                  {"stages": 2}, {"stages": 3}, {"prefetch": False, "l2_ahead": 2},
-                                  {"prefetch": True, "l2_ahead": 1}, {"prefetch": True, "pingpong": True, "l2_ahead": 3}])
+                                  {"stages": 2}, {"stages": 3}])
 @pytest.mark.parametrize("bits, codebook", [(3, "mcg"), (4, "mul1"), (6, "3inst"), (8, "mul1")])
 @pytest.mark.parametrize("m", [1, 9])
 def test_tensor_core_gemv_load_variants_on_gpu(opts, bits, codebook, m):
     """Each way of bringing the words to the lanes (at the top of the iteration, one iteration ahead in
-    registers, in two alternating register sets, cp.async stages through shared memory; with or without
-    L2 prefetches further ahead) on runs of 1 to many iterations (odd and even counts)."""
+    registers, in two alternating register sets, cp.async stages through shared memory) on runs of 1 to
+    many iterations (odd and even counts)."""
     from trellm.kernels.exl3_tc import exl3_gemv_tc
     from trellm.kernels.hadamard import had_in
 
@@ -407,12 +403,10 @@ def test_captured_graph_survives_a_larger_workspace():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4])
 def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
-    """With programmatic dependent launch (TRELLM_PDL) the GEMVs start while the norm / act·mul before them
-    runs and wait for their input: norm → GEMV → act·mul → GEMV gives bit for bit what serial launches give,
-    eagerly and replayed from a CUDA graph, with and without the L2 prefetch before the wait."""
+    """With programmatic dependent launch (trellm.kernels.PDL) the GEMVs start while the norm / act·mul
+    before them runs and wait for their input: norm → GEMV → act·mul → GEMV gives bit for bit what serial
+    launches give, eagerly and replayed from a CUDA graph."""
     import trellm.kernels as kernels
-    from trellm.kernels import exl3_gemv as gemv_mod
-    from trellm.kernels import exl3_tc as tc_mod
     from trellm.kernels.exl3_dispatch import gemv_small
     from trellm.kernels.fused import act_mul_rotated, rms_norm_rotated
 
@@ -429,17 +423,17 @@ def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
         _, rot2 = act_mul_rotated("silu", h[:, :2816], h[:, 2816:], down.suh[None])
         return gemv_small(*rot2, down.trellis, down.svh, down.bias, "mul1", 1024, torch.bfloat16)
 
-    serial = chain()
-    hr = up._forward_ref(torch.nn.functional.rms_norm(x.float(), (1024,), w.float(), 1e-5)).float()
-    ref = down._forward_ref(torch.nn.functional.silu(hr[:, :2816]) * hr[:, 2816:]).float()
-    assert (serial.float() - ref).abs().max() <= 0.02 * ref.abs().max()
-    monkeypatch.setattr(kernels, "PDL", True)
-    kernels.pdl_on.cache_clear()
     try:
-        assert kernels.pdl_on(x.device)
-        for l2 in (0, 2):
-            monkeypatch.setattr(gemv_mod, "L2_AHEAD", l2)
-            monkeypatch.setattr(tc_mod, "L2_AHEAD", l2)
+        for pdl in (False, True):
+            monkeypatch.setattr(kernels, "PDL", pdl)
+            kernels.pdl_on.cache_clear()
+            assert kernels.pdl_on(x.device) == pdl
+            if not pdl:
+                serial = chain()
+                hr = up._forward_ref(torch.nn.functional.rms_norm(x.float(), (1024,), w.float(), 1e-5)).float()
+                ref = down._forward_ref(torch.nn.functional.silu(hr[:, :2816]) * hr[:, 2816:]).float()
+                assert (serial.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+                continue
             torch.testing.assert_close(chain(), serial, rtol=0, atol=0)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -19,8 +19,9 @@ def sm_count(device: torch.device) -> int:
 # Programmatic dependent launch (sm_90+): the small-m GEMVs are launched so that they may start while the
 # kernel before them (the norm, act·mul or had_in that makes their input) still runs; they ask L2 for their
 # first weights, then wait for that kernel's output (grid_wait), and the producing kernels let them in at
-# their own start (grid_release). TRELLM_PDL=1 turns it on; off by default until timed.
-PDL = os.environ.get("TRELLM_PDL", "0") == "1"
+# their own start (grid_release). Whole 8B model on an H100 (benchmarks/RESULTS.md): decode +5 % at batch 1,
+# +6 % at batch 16. TRELLM_PDL=0 turns it off (A/B timing).
+PDL = os.environ.get("TRELLM_PDL", "1") == "1"
 
 
 @functools.lru_cache(maxsize=None)

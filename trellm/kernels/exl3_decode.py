@@ -92,18 +92,6 @@ def _codebook_f32(state, CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptr, go):
-    """Ask L2 for the 128-byte line holding each address where go != 0, without a register waiting on it
-    (inline PTX: CUDA only). The small-m kernels run one short span per program, all programs at once:
-    with loads issued only at the top of each iteration the trellis streams in bursts between decode
-    phases; prefetching later iterations keeps DRAM busy while the current one decodes. Returns a dummy
-    0 (inline asm needs an output; is_pure=False keeps the instruction)."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr.to(tl.int64, bitcast=True), go.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def split4(t):
     """[..., 4] -> its four slices along the last dimension (register renames when one thread holds all
     four, as after a 16-byte load)."""

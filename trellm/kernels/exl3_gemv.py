@@ -32,7 +32,7 @@ import triton.language as tl
 
 from trellm.kernels import grid_wait, pdl_on, sm_count
 from trellm.kernels.exl3_decode import (
-    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, prefetch_l2, split4,
+    CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, split4,
 )
 from trellm.kernels.hadamard import had_out_store
 from trellm.quant import exl3_format as fmt
@@ -86,19 +86,6 @@ def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.const
     for q in tl.static_range(W // 4):
         words = words + split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
     return words
-
-
-@triton.jit
-def _prefetch_tiles(tr_ptr, tile_a, tile_c, NT, go, K: tl.constexpr, TA: tl.constexpr, TC: tl.constexpr):
-    """L2 prefetch of the TA × TC tiles from (tile_a, tile_c), each thread its own tile's lines, where go."""
-    B: tl.constexpr = 32 * K  # bytes per tile: tiles of 96, 160, 192, 224 bytes may straddle one more line
-    NL: tl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
-    a = tl.arange(0, TA)[:, None]
-    c = tl.arange(0, TC)[None, :]
-    base = tr_ptr + ((tile_a + a) * NT + tile_c + c) * (8 * K)
-    flag = tl.zeros((TA, TC), dtype=tl.int32) + go.to(tl.int32)
-    for q in tl.static_range(NL):
-        prefetch_l2(base + (32 * q if 32 * q < 8 * K else 8 * K - 1), flag)
 
 
 @triton.jit
@@ -162,15 +149,14 @@ def _add_at(acc, I: tl.constexpr, v):
 @triton.jit
 def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl.constexpr,
               CODEBOOK: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr, PROBE: tl.constexpr = 0,
-              DIRECT: tl.constexpr = False, PREFETCH: tl.constexpr = False, L2AHEAD: tl.constexpr = 0):
+              DIRECT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile, one row of x':
     [1, 128] fp32. Each thread owns one tile per iteration (TA × 8 threads): all its
     windows are cut from words in its registers, every decoded weight feeds one FFMA into one of the
     tile's 16 column sums, and the activations of its tile row sit in 16 registers.
 
     PROBE (benchmarks only, wrong results): 1 loads the words but folds them into the sums without
-    decoding (the load floor); 2 decodes words made up in registers (the decode floor). L2AHEAD > 0 (DIRECT,
-    CUDA): iteration i asks L2 for iteration i + L2AHEAD's tiles (the first L2AHEAD - 1 before the loop)."""
+    decoding (the load floor); 2 decodes words made up in registers (the decode floor)."""
     TC: tl.constexpr = 8
     W: tl.constexpr = 8 * K
     a = tl.arange(0, TA)[:, None, None]
@@ -180,12 +166,8 @@ def _fma_span(x_ptr, tr_ptr, NT, row0, n_iter, col_tile, K: tl.constexpr, TA: tl
         acc = acc + (tl.zeros((TA, TC), dtype=tl.float32),)
     if PREFETCH:  # (DIRECT only) the next iteration's words load while this one decodes
         ahead = _tile_words_direct(tr_ptr, row0, col_tile, NT, K, TA, TC)
-    for j in tl.static_range(1, L2AHEAD):
-        _prefetch_tiles(tr_ptr, row0 + j * TA, col_tile, NT, j < n_iter, K, TA, TC)
     for i in tl.range(n_iter, num_stages=STAGES):
         tile_a = row0 + i * TA
-        if L2AHEAD > 0:
-            _prefetch_tiles(tr_ptr, tile_a + L2AHEAD * TA, col_tile, NT, i + L2AHEAD < n_iter, K, TA, TC)
         if PROBE == 2:
             seed = (a * 131 + tl.arange(0, TC)[None, :, None] * 17 + tile_a * 40503).to(tl.uint32)
             seed = tl.reshape(seed, (TA, TC)) | tl.zeros((TA, TC), dtype=tl.uint32)
@@ -250,7 +232,7 @@ def _exl3_gemv_kernel(
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
     STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False, DIRECT: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, L2AHEAD: tl.constexpr = 0, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
     equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
@@ -262,9 +244,8 @@ def _exl3_gemv_kernel(
     concatenated, and column blocks from GB1 (from GB2) read the second (third) transformed input,
     stride_xg / stride_sg further on. NT is the trellis row stride in tiles.
 
-    PDL (a dependent launch, see trellm.kernels.PDL): the program may start before the kernel that wrote x'
-    has finished; it asks L2 for its first segment's first L2AHEAD iterations of words (which no kernel
-    writes), then waits for that kernel before touching x', the workspace or y."""
+    PDL (a dependent launch, see trellm.kernels.PDL): the programs may start before the kernel that wrote
+    x' has finished, and wait for it before touching x', the workspace or y."""
     pid = tl.program_id(0)
     # Rows of a partial sum: the one real row with DIRECT (the epilogue's output Hadamard and the stream-K
     # partial sums then skip the 15 padding rows); 16 otherwise, the form timed on the GPU so far.
@@ -273,10 +254,6 @@ def _exl3_gemv_kernel(
     u = pid * U // P
     u_end = (pid + 1) * U // P
     if PDL:
-        blk = u // CH
-        c0 = u - blk * CH
-        for j in tl.static_range(L2AHEAD):
-            _prefetch_tiles(tr_ptr, (c0 + j) * TA, blk * 8, NT, (j < u_end - u) & (c0 + j < CH), K, TA, 8)
         grid_wait()
     while u < u_end:
         blk = u // CH
@@ -289,7 +266,7 @@ def _exl3_gemv_kernel(
             xsg_ptr = xsum_ptr + grp * stride_sg
         if FMA:
             acc = _fma_span(xg_ptr, tr_ptr, NT, c0 * TA, c1 - c0, blk * 8, K, TA, CODEBOOK, USE_ASM, STAGES, PROBE,
-                            DIRECT, PREFETCH, L2AHEAD)  # [1, 128]
+                            DIRECT, PREFETCH)  # [1, 128]
             if R == 16:
                 acc = tl.where(rows[:, None] == 0, acc, 0.0)
         else:
@@ -352,9 +329,6 @@ def _max_segments(n_blocks: int, chunks: int, programs: int) -> int:
 M1_LOADS = os.environ.get("TRELLM_GEMV_M1", "direct")
 if M1_LOADS not in ("shared", "direct", "prefetch"):
     raise ValueError(f"TRELLM_GEMV_M1={M1_LOADS!r}: expected shared, direct or prefetch")
-# Iterations ahead that the m = 1 kernel's L2 prefetch reaches (0: none; see prefetch_l2). The environment
-# variable is for A/B timing.
-L2_AHEAD = int(os.environ.get("TRELLM_L2_AHEAD", "0"))
 _RESIDENT: dict[tuple, int] = {}  # compiled-kernel key -> programs per SM (for the sweep's report too)
 _PLANS: dict[tuple, tuple[dict, int, int]] = {}  # call signature -> (constexprs, programs, slots per block)
 
@@ -390,7 +364,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
               num_warps: int | None = None, fma: bool | None = None, use_asm: bool | None = None,
               per_sm: int | None = None, programs: int | None = None, stages: int | None = None,
               probe: int = 0, group_blocks: tuple[int, ...] = (), direct: bool | None = None,
-              prefetch: bool | None = None, l2_ahead: int | None = None) -> torch.Tensor:
+              prefetch: bool | None = None) -> torch.Tensor:
     """(x_h, x_sums) = had_in(x, suh): fp16 [m <= 16, k_pad] and its 128-block sums -> y [m, n] in out_dtype.
 
     Linears sharing an input (their trellis columns concatenated; the trellis may be a column slice of a
@@ -404,16 +378,13 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     K = 4 in Triton 3.6's sm_90 code, benchmarks/sass_report.py; the default for m = 1, M1_LOADS); prefetch (with
     direct) also loads the next iteration's words before decoding the current ones. stages (default 2, 1
     with direct or prefetch: Triton's pipeliner would stage the direct loads in shared memory, 255
-    registers) is the software pipelining of the shared-memory loads. l2_ahead (direct, CUDA; default
-    L2_AHEAD): iterations ahead that each iteration asks L2 for (prefetch_l2)."""
+    registers) is the software pipelining of the shared-memory loads."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
     if direct is None and prefetch is None and m == 1 and fma is not False:
         direct, prefetch = M1_LOADS == "direct", M1_LOADS == "prefetch"
     direct, prefetch = bool(direct), bool(prefetch)
     stages = stages if stages is not None else (1 if direct or prefetch else 2)
-    use_asm = x_h.is_cuda if use_asm is None else use_asm
-    l2_ahead = (L2_AHEAD if l2_ahead is None else l2_ahead) if (direct or prefetch) and use_asm else 0
     pdl = pdl_on(x_h.device)
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
@@ -429,7 +400,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     tr = trellis.view(torch.int32)
     # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
     key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
-           stages, probe, groups > 1, direct, prefetch, l2_ahead, pdl)
+           stages, probe, groups > 1, direct, prefetch, pdl)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
@@ -448,9 +419,9 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         assert kt % ta == 0
         num_warps = num_warps if num_warps is not None else (max(1, ta // 4) if fma else 4)
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
-                      USE_ASM=use_asm, C1=MUL1_C1, C2=MUL1_C2,
+                      USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
                       KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
-                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, L2AHEAD=l2_ahead, PDL=pdl)
+                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, PDL=pdl)
         ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // ta, per_sm, programs, _RESIDENT, ckey, num_warps,

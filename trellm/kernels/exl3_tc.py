@@ -30,15 +30,13 @@ conversion), and the GPU tests compare it with exl3_gemv_ref.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from trellm.kernels import grid_wait, pdl_on
-from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window, prefetch_l2
+from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
 # cp.async into shared memory: Triton 3.6 (the GPU machines) calls it async_copy_global_to_shared, newer
@@ -60,7 +58,7 @@ def _state(s0, s1, s2, O: gl.constexpr):
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
              TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
-             PINGPONG: gl.constexpr, STAGES: gl.constexpr, L2AHEAD: gl.constexpr):
+             PINGPONG: gl.constexpr, STAGES: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
 
@@ -68,8 +66,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     iteration ahead into registers (PINGPONG: in two alternating register sets); STAGES > 1: copied
     STAGES - 1 iterations ahead by cp.async into a ring in shared memory, each lane staging only its own
     words, so that the registers stay free for more programs per SM (Triton still places 3-4 bar.sync
-    per iteration around the ring). L2AHEAD > 0 (without STAGES): iteration i also asks L2 for iteration
-    i + L2AHEAD's words (the first L2AHEAD - 1 before the loop; prefetch_l2)."""
+    per iteration around the ring)."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -97,9 +94,6 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
     src = (p0, p1, p2, xp, bm, M, TA * NT * W, 16 * TA)  # what _tc_loads reads iteration i from
-    if STAGES < 2:
-        for j in gl.static_range(1, L2AHEAD):
-            _tc_prefetch(src, j, n_iter)
     # Loads past the span would leave the trellis: the prefetching forms' last loads repeat the final rows.
     if STAGES > 1:
         NW: gl.constexpr = 3 if K > 4 else 2  # words per lane and tile
@@ -127,9 +121,6 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         # registers, 180 at K = 8).
         wa0, wa1, wa2, xba = _tc_loads(src, 0, K)
         for i in range(0, n_iter - 1, 2):
-            if L2AHEAD > 0:
-                _tc_prefetch(src, i + L2AHEAD, n_iter)
-                _tc_prefetch(src, i + 1 + L2AHEAD, n_iter)
             wb0, wb1, wb2, xbb = _tc_loads(src, i + 1, K)
             acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
             wa0, wa1, wa2, xba = _tc_loads(src, gl.minimum(i + 2, n_iter - 1), K)
@@ -139,15 +130,11 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
         w0n, w1n, w2n, xbn = _tc_loads(src, 0, K)
         for i in range(n_iter):
-            if L2AHEAD > 0:
-                _tc_prefetch(src, i + L2AHEAD, n_iter)
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
             w0n, w1n, w2n, xbn = _tc_loads(src, gl.minimum(i + 1, n_iter - 1), K)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
     else:
         for i in range(n_iter):
-            if L2AHEAD > 0:
-                _tc_prefetch(src, i + L2AHEAD, n_iter)
             w0, w1, w2, xb = _tc_loads(src, i, K)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
     return acc
@@ -196,29 +183,6 @@ def _tc_stage(ring, src, stage, i, K: gl.constexpr):
     if K > 4:
         _cp_async(ring.index(stage * NW + 2), src[2] + offset)
     async_copy.commit_group()
-
-
-@gluon.jit
-def _tc_prefetch(src, i, n_iter):
-    """L2 prefetch of iteration i's trellis words if i < n_iter (the lanes' first words cover every line
-    of their tiles)."""
-    prefetch_l2(src[0] + i * src[6], gl.full(src[0].shape, 0, gl.int32, layout=src[0].type.layout) + (i < n_iter).to(gl.int32))
-
-
-@gluon.jit
-def _prefetch_rows(tr_ptr, row0, n_rows, col_tile, NT: gl.constexpr, K: gl.constexpr, ROWS: gl.constexpr):
-    """L2 prefetch of tile rows [row0, row0 + min(ROWS, n_rows)) of the 8 tile columns from col_tile: one
-    address per 128-byte line (tiles of 96, 160, 192, 224 bytes may straddle one more line: their last word)."""
-    B: gl.constexpr = 32 * K
-    NL: gl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
-    NLP: gl.constexpr = 1 if NL == 1 else (2 if NL == 2 else 4)
-    lay: gl.constexpr = gl.BlockedLayout([1, 1, NLP], [4, 8, 1], [4, 1, 1], [2, 1, 0])  # NUM_WARPS warps
-    a = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, lay)))[:, None, None]
-    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, lay)))[None, :, None]
-    q = gl.arange(0, NLP, layout=gl.SliceLayout(0, gl.SliceLayout(1, lay)))[None, None, :]
-    word = gl.minimum(32 * q, 8 * K - 1)
-    ptr = tr_ptr + ((row0 + a) * NT + col_tile + c) * (8 * K) + word
-    prefetch_l2(ptr, ((a < n_rows) & (q < NL) & (c >= 0)).to(gl.int32))
 
 
 @gluon.jit
@@ -288,16 +252,15 @@ def _exl3_tc_kernel(
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
-    PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, L2AHEAD: gl.constexpr = 0,
-    PDL: gl.constexpr = False,
+    PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
     finish adds them in slot order and runs the epilogue. NT (the trellis row stride in tiles) is a
     constant so that every word load is an immediate offset from one per-lane pointer. TIMELINE (a
     diagnostic, benchmarks/timeline_tc.py) records per program: the SM, global-timer ns at start and
-    end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]. PDL: as exl3_gemv's
-    kernel (a dependent launch: L2 prefetch of the first segment's first L2AHEAD iterations, then wait)."""
+    end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]. PDL: a dependent launch
+    (see trellm.kernels.PDL) that waits for the kernel before it first."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     pid = gl.program_id(0)
     if TIMELINE:
@@ -311,10 +274,6 @@ def _exl3_tc_kernel(
     u = pid * U // P
     u_end = (pid + 1) * U // P
     if PDL:
-        if L2AHEAD > 0:
-            blk = u // CH
-            c0 = u - blk * CH
-            _prefetch_rows(tr_ptr, c0 * TA, gl.minimum(u_end - u, CH - c0) * TA, blk * 8, NT, K, L2AHEAD * TA)
         grid_wait()
     while u < u_end:
         blk = u // CH
@@ -329,7 +288,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH, PINGPONG, STAGES, L2AHEAD)
+                       PREFETCH, PINGPONG, STAGES)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -377,9 +336,6 @@ _PLANS: dict[tuple, tuple[dict, int, int]] = {}
 _RESIDENT: dict[tuple, int] = {}
 
 
-# Iterations ahead that the K-loop's L2 prefetch reaches (0: none; prefetch_l2); the environment variable is for
-# A/B timing.
-L2_AHEAD = int(os.environ.get("TRELLM_L2_AHEAD", "0"))
 MAX_M = 64  # batch rows one launch takes (the generator's decode batches up to 64 sequences)
 
 
@@ -391,7 +347,7 @@ def tc_bn(m: int) -> int:
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
-                  timeline: bool = False, l2_ahead: int | None = None, pdl: bool = False) -> dict:
+                  timeline: bool = False, pdl: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -409,19 +365,17 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
     assert kt % ta == 0 and not (prefetch and stages > 1)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline,
-                L2AHEAD=(L2_AHEAD if l2_ahead is None else l2_ahead) if stages < 2 else 0, PDL=pdl)
+                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
                  prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
-                 programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False,
-                 l2_ahead: int | None = None):
+                 programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False):
     """Same contract as exl3_gemv (x_h fp16 [m <= 64, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
     stages >= 2 (the words through shared memory by cp.async) are variants to time, see _tc_span.
-    l2_ahead: the L2 prefetch distance in iterations (default L2_AHEAD). timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
+    timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
     start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
     kt, nt, depth = trellis.shape
@@ -438,7 +392,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     tr = trellis.view(torch.int32)
     pdl = pdl_on(x_h.device)
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
-           stages, per_sm, programs, groups > 1, timeline, l2_ahead, pdl)
+           stages, per_sm, programs, groups > 1, timeline, pdl)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -449,7 +403,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, l2_ahead, pdl)
+                               pingpong, stages, timeline, pdl)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
