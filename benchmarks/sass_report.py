@@ -33,7 +33,7 @@ SIGNATURE = {
     "GB1": "i32", "GB2": "i32", "stride_xg": "i32", "stride_sg": "i32",
     "K": "constexpr", "CODEBOOK": "constexpr", "TA": "constexpr", "FMA": "constexpr", "HAS_BIAS": "constexpr",
     "USE_ASM": "constexpr", "C1": "constexpr", "C2": "constexpr", "KB_P2": "constexpr", "STAGES": "constexpr",
-    "DIRECT": "constexpr", "PREFETCH": "constexpr", "PDL": "constexpr",
+    "DIRECT": "constexpr", "PREFETCH": "constexpr", "PDL": "constexpr", "PDL_PF": "constexpr",
 }
 # What a launch on a Llama shape specialises on (multiples of 16; M = 1 becomes a constant for the FMA kind).
 DIVISIBLE = ("N", "NT", "stride_xm", "stride_ym", "k_blocks", "CH", "U", "GB1", "GB2", "stride_xg", "stride_sg")
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
     ap.add_argument("--direct", action="store_true", help="per-thread loads of the words (FMA kind)")
     ap.add_argument("--prefetch", action="store_true", help="direct loads, next iteration's words prefetched")
-    ap.add_argument("--pdl", action="store_true", help="compile as a dependent launch (waits first)")
+    ap.add_argument("--pdl", type=int, default=-1, help="compile as a dependent launch that asks L2 for this many iterations before it waits")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
@@ -62,7 +62,7 @@ def main() -> None:
         from trellm.kernels import exl3_tc
 
         consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
-                                       False, False, ta=args.ta, pdl=args.pdl)
+                                       False, False, ta=args.ta, pdl=args.pdl >= 0, pdl_prefetch=max(0, args.pdl))
         kernel = exl3_tc.compile_for_sm90(consts)
         args.ta = consts["TA"]
         args.warps = exl3_tc.NUM_WARPS
@@ -78,7 +78,7 @@ def compile_gemv(args):
     consts = {"K": args.bits, "CODEBOOK": args.codebook, "TA": args.ta, "FMA": args.kind == "fma", "HAS_BIAS": False,
               "USE_ASM": True, "C1": MUL1_C1, "C2": MUL1_C2, "KB_P2": 32, "STAGES": args.stages,
               "DIRECT": args.direct or args.prefetch, "PREFETCH": args.prefetch,
-              "PDL": args.pdl}
+              "PDL": args.pdl >= 0, "PDL_PF": max(0, args.pdl)}
     if args.kind == "fma":
         sig["M"], consts["M"] = "constexpr", 1
     names = list(sig)

@@ -212,13 +212,14 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2}),
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
     (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}), (4, "mul1", 1, {"pdl": True}),
-    (5, "mcg", 16, {"pdl": True})])
+    (5, "mcg", 16, {"pdl": True}), (6, "mul1", 1, {"pdl": True, "pdl_prefetch": 2})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_usage, tc_constexprs
 
     kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1, **opts))
     ptx = kernel.asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == opts.get("pdl", False)  # a dependent launch waits for its input
+    assert ("prefetch.global.L2" in ptx) == (opts.get("pdl_prefetch", 0) > 0)
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
     assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build

@@ -30,6 +30,20 @@ def pdl_on(device: torch.device) -> bool:
     return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+# Iterations of its first span whose weights a dependent GEMV asks L2 for before it waits (0: none); for
+# A/B timing (TRELLM_PDL_PREFETCH).
+PDL_PREFETCH = int(os.environ.get("TRELLM_PDL_PREFETCH", "0"))
+
+
+@triton.jit
+def prefetch_l2(ptr, go):
+    """Ask L2 for the 128-byte line holding each address where go != 0; no register waits on it. (Asked
+    every iteration for later iterations, this made the small-m kernels 2-20 % slower on an H100.)"""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptr.to(tl.int64, bitcast=True), go.to(tl.int32)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit
 def grid_wait():
     """Wait until the grid this one depends on has finished and its writes are visible (returns at once

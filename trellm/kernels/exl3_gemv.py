@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.kernels import grid_wait, pdl_on, sm_count
+from trellm.kernels import PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2, sm_count
 from trellm.kernels.exl3_decode import (
     CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, split4,
 )
@@ -86,6 +86,19 @@ def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.const
     for q in tl.static_range(W // 4):
         words = words + split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
     return words
+
+
+@triton.jit
+def _prefetch_tiles(tr_ptr, tile_a, tile_c, NT, go, K: tl.constexpr, TA: tl.constexpr):
+    """L2 prefetch of the TA × 8 tiles from (tile_a, tile_c), one thread per tile and 128-byte line, if go."""
+    B: tl.constexpr = 32 * K  # bytes per tile: tiles of 96, 160, 192, 224 bytes may straddle one more line
+    NL: tl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
+    a = tl.arange(0, TA)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    base = tr_ptr + ((tile_a + a) * NT + tile_c + c) * (8 * K)
+    flag = tl.zeros((TA, 8), dtype=tl.int32) + go.to(tl.int32)
+    for q in tl.static_range(NL):
+        prefetch_l2(base + (32 * q if 32 * q < 8 * K else 8 * K - 1), flag)
 
 
 @triton.jit
@@ -232,7 +245,7 @@ def _exl3_gemv_kernel(
     K: tl.constexpr, CODEBOOK: tl.constexpr, TA: tl.constexpr, FMA: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, KB_P2: tl.constexpr,
     STAGES: tl.constexpr = 2, PROBE: tl.constexpr = 0, GROUPED: tl.constexpr = False, DIRECT: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False, PDL_PF: tl.constexpr = 0,
 ):
     """Stream-K: the U = (column blocks) × CH (chunks of TA tile rows) units of work are cut into P
     equal runs, one per program, P = the programs the GPU holds at once. A run covers the tail of
@@ -245,7 +258,8 @@ def _exl3_gemv_kernel(
     stride_xg / stride_sg further on. NT is the trellis row stride in tiles.
 
     PDL (a dependent launch, see trellm.kernels.PDL): the programs may start before the kernel that wrote
-    x' has finished, and wait for it before touching x', the workspace or y."""
+    x' has finished, and wait for it before touching x', the workspace or y; before that they ask L2 for
+    the words of their first PDL_PF iterations (which no kernel writes)."""
     pid = tl.program_id(0)
     # Rows of a partial sum: the one real row with DIRECT (the epilogue's output Hadamard and the stream-K
     # partial sums then skip the 15 padding rows); 16 otherwise, the form timed on the GPU so far.
@@ -254,6 +268,10 @@ def _exl3_gemv_kernel(
     u = pid * U // P
     u_end = (pid + 1) * U // P
     if PDL:
+        blk = u // CH
+        c0 = u - blk * CH
+        for j in tl.static_range(PDL_PF):
+            _prefetch_tiles(tr_ptr, (c0 + j) * TA, blk * 8, NT, (j < u_end - u) & (c0 + j < CH), K, TA)
         grid_wait()
     while u < u_end:
         blk = u // CH
@@ -421,7 +439,8 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
                       USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,
                       KB_P2=triton.next_power_of_2(kt // 8), num_warps=num_warps, STAGES=stages, PROBE=probe,
-                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, PDL=pdl)
+                      GROUPED=groups > 1, DIRECT=direct or prefetch, PREFETCH=prefetch, PDL=pdl,
+                      PDL_PF=PDL_PREFETCH if pdl else 0)
         ckey = (x_h.device, tuple(sorted((k, str(v)) for k, v in consts.items())))
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // ta, per_sm, programs, _RESIDENT, ckey, num_warps,

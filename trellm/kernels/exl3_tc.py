@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from trellm.kernels import grid_wait, pdl_on
+from trellm.kernels import PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
@@ -186,6 +186,21 @@ def _tc_stage(ring, src, stage, i, K: gl.constexpr):
 
 
 @gluon.jit
+def _prefetch_rows(tr_ptr, row0, n_rows, col_tile, NT: gl.constexpr, K: gl.constexpr, ROWS: gl.constexpr):
+    """L2 prefetch of tile rows [row0, row0 + min(ROWS, n_rows)) of the 8 tile columns from col_tile: one
+    address per 128-byte line (tiles of 96, 160, 192, 224 bytes may straddle one more line: their last word)."""
+    B: gl.constexpr = 32 * K
+    NL: gl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
+    NLP: gl.constexpr = 1 if NL == 1 else (2 if NL == 2 else 4)
+    lay: gl.constexpr = gl.BlockedLayout([1, 1, NLP], [4, 8, 1], [4, 1, 1], [2, 1, 0])  # NUM_WARPS warps
+    a = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, lay)))[:, None, None]
+    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, lay)))[None, :, None]
+    q = gl.arange(0, NLP, layout=gl.SliceLayout(0, gl.SliceLayout(1, lay)))[None, None, :]
+    ptr = tr_ptr + ((row0 + a) * NT + col_tile + c) * (8 * K) + gl.minimum(32 * q, 8 * K - 1)
+    prefetch_l2(ptr, ((a < n_rows) & (q < NL) & (c >= 0)).to(gl.int32))
+
+
+@gluon.jit
 def _tc_loads(src, i, K: gl.constexpr):
     """Iteration i's trellis words (the third only for K > 4, whose lane streams span three words) and
     its x rows (batch rows past M as zeros). src = (word pointers p0 p1 p2, x pointers, batch-row
@@ -253,6 +268,7 @@ def _exl3_tc_kernel(
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
     PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
+    PDL_PF: gl.constexpr = 0,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -260,7 +276,8 @@ def _exl3_tc_kernel(
     constant so that every word load is an immediate offset from one per-lane pointer. TIMELINE (a
     diagnostic, benchmarks/timeline_tc.py) records per program: the SM, global-timer ns at start and
     end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]. PDL: a dependent launch
-    (see trellm.kernels.PDL) that waits for the kernel before it first."""
+    (see trellm.kernels.PDL) that waits for the kernel before it first, after asking L2 for the words of its
+    first PDL_PF iterations."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     pid = gl.program_id(0)
     if TIMELINE:
@@ -274,6 +291,10 @@ def _exl3_tc_kernel(
     u = pid * U // P
     u_end = (pid + 1) * U // P
     if PDL:
+        if PDL_PF > 0:
+            blk = u // CH
+            c0 = u - blk * CH
+            _prefetch_rows(tr_ptr, c0 * TA, gl.minimum(u_end - u, CH - c0) * TA, blk * 8, NT, K, PDL_PF * TA)
         grid_wait()
     while u < u_end:
         blk = u // CH
@@ -347,7 +368,7 @@ def tc_bn(m: int) -> int:
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
-                  timeline: bool = False, pdl: bool = False) -> dict:
+                  timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -362,10 +383,10 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
         prefetch = m <= 8 and stages < 2
-    assert kt % ta == 0 and not (prefetch and stages > 1)
+    assert kt % ta == 0 and not (prefetch and stages > 1) and pdl_prefetch in (0, 1, 2, 4)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl)
+                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
@@ -403,7 +424,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, pdl)
+                               pingpong, stages, timeline, pdl, PDL_PREFETCH)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
