@@ -4,16 +4,22 @@ normal loader.
 
     python benchmarks/bench_e2e.py --out /tmp/l3-exl3 [--format exl3|bf16] [--batches 1,4,16,64]
     python benchmarks/bench_e2e.py --preset tiny --out /tmp/tiny --device cpu     # a CPU smoke run
+    python benchmarks/bench_e2e.py --out /tmp/l3-exl3 --batches 1,16 --variants "base|TRELLM_PDL=0" --rounds 2
 
 Per batch size B: B jobs with 128-token prompts and 256 new tokens each; decode tokens/s = B·(new - 1) over
 the time from the last job's first token to the end; time to first token = until every job has one. Then
 one 4096-token prompt for prefill tokens/s. Prints a table and one JSON object.
+
+--variants A/B-times the kernel switches (environment variables the kernels read at import; `base` = as
+started) in one process: the model loads once, each variant gets a fresh generator (plans, compiled
+kernels and captured graphs of its own) and the variants run in turn, `--rounds` times, decode only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -57,6 +63,56 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
             "decode_tok_s": round(decode_tokens / max(end - last_first, 1e-9), 1), "tokens": tokens}
 
 
+SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_SMALL_M": "auto", "TRELLM_TC_MAX_M": "64"}
+
+
+def set_switch(name: str, value: str) -> None:
+    """Set one of the kernels' import-time switches in the running process."""
+    import trellm.kernels as kernels
+    from trellm.kernels import exl3_dispatch, exl3_gemv, exl3_tc
+
+    if name == "TRELLM_PDL":
+        kernels.PDL = value == "1"
+        kernels.pdl_on.cache_clear()
+    elif name == "TRELLM_PDL_PREFETCH":  # imported by name into both GEMV modules
+        kernels.PDL_PREFETCH = exl3_gemv.PDL_PREFETCH = exl3_tc.PDL_PREFETCH = int(value)
+    elif name == "TRELLM_SMALL_M":
+        exl3_dispatch.SMALL_M_KERNEL = value
+    elif name == "TRELLM_TC_MAX_M":
+        exl3_dispatch.TC_MAX_M = int(value)
+    else:
+        raise SystemExit(f"--variants: {name} is not a switch this script can set ({', '.join(SWITCH_DEFAULTS)})")
+    exl3_gemv._PLANS.clear()
+    exl3_tc._PLANS.clear()
+
+
+def run_variants(model, args, cfg: dict, batches: list[int]) -> None:
+    """Each variant on a fresh generator, in turn, args.rounds times: decode tok/s per batch."""
+    variants = args.variants.split("|")
+    # Each variant starts from the switches as this process started (environment or the kernels' defaults).
+    started = {name: os.environ.get(name, default) for name, default in SWITCH_DEFAULTS.items()}
+    table = {v: [] for v in variants}
+    for rnd in range(args.rounds):
+        for v in variants:
+            for name, value in started.items():
+                set_switch(name, value)
+            for assign in filter(None, v.split(",")):
+                if assign != "base":
+                    set_switch(*assign.split("=", 1))
+            gen = Generator(model, max_batch_tokens=2048, max_seqs=max(batches))
+            gen.warmup()
+            for b in batches:
+                run_batch(gen, b, args.prompt, 3, cfg["vocab_size"], 0)
+            rows = [run_batch(gen, b, args.prompt, args.new, cfg["vocab_size"], b + rnd) for b in batches]
+            table[v].append([r["decode_tok_s"] for r in rows])
+            print(json.dumps({"round": rnd, "variant": v, "rows": rows}), flush=True)
+            del gen
+            torch.cuda.empty_cache()
+    print(f"{'variant':<40}" + "".join(f"{'batch ' + str(b):>14}" for b in batches))
+    for v, runs in table.items():
+        print(f"{v:<40}" + "".join(f"{' / '.join(f'{r[i]:.0f}' for r in runs):>14}" for i in range(len(batches))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, help="model folder (written if missing)")
@@ -70,6 +126,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json-out")
+    ap.add_argument("--variants",
+                    help="'|'-separated variants, each 'base' or NAME=VALUE[,NAME=VALUE] (kernel switches)")
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
     out = Path(args.out)
@@ -80,6 +139,9 @@ def main() -> None:
     model = load_model(out, device=args.device, dtype=dtype)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if args.device != "cpu" else None
     batches = [int(b) for b in args.batches.split(",")]
+    if args.variants:
+        run_variants(model, args, cfg, batches)
+        return
     gen = Generator(model, max_batch_tokens=max(2048, args.prefill), max_seqs=max(batches))
     # Warm-up: Generator.warmup compiles the kernels of every batch-size class and captures every decode
     # graph (a batch of B jobs with few new tokens rarely decodes all B at once, so its own pass left the

@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--codebook", type=int, default=0, help="0 mul1, 1 mcg, 2 3inst")
     ap.add_argument("--direct", action="store_true", help="per-thread loads of the words (FMA kind)")
     ap.add_argument("--prefetch", action="store_true", help="direct loads, next iteration's words prefetched")
-    ap.add_argument("--pdl", type=int, default=-1, help="compile as a dependent launch that asks L2 for this many iterations before it waits")
+    ap.add_argument("--pdl", type=int, default=-1,
+                    help="compile as a dependent launch that asks L2 for this many iterations before it waits")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
