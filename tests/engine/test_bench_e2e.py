@@ -1,0 +1,58 @@
+"""benchmarks/bench_e2e.py on a CPU: the tiny preset end to end, and its A/B switches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_bench_e2e_variants_on_cpu(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--preset", "tiny",
+                           "--out", str(tmp_path / "m"), "--device", "cpu", "--batches", "1,2", "--new", "4",
+                           "--variants", "base|TRELLM_SMALL_M=tc,TRELLM_PDL=0", "--rounds", "2"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["round"], r["variant"]) for r in runs] == [(0, "base"), (0, "TRELLM_SMALL_M=tc,TRELLM_PDL=0"),
+                                                          (1, "base"), (1, "TRELLM_SMALL_M=tc,TRELLM_PDL=0")]
+    for r in runs:
+        assert [row["batch"] for row in r["rows"]] == [1, 2]
+        assert all(row["tokens"] == 4 * row["batch"] and row["decode_tok_s"] > 0 for row in r["rows"])
+    table = proc.stdout.splitlines()[-2:]
+    assert table[0].startswith("base") and table[1].startswith("TRELLM_SMALL_M=tc,TRELLM_PDL=0")
+
+
+def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    import trellm.kernels as kernels
+    from trellm.kernels import exl3_dispatch, exl3_gemv, exl3_tc
+
+    for name in ("PDL", "PDL_PREFETCH"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))
+    monkeypatch.setattr(exl3_gemv, "PDL_PREFETCH", exl3_gemv.PDL_PREFETCH)
+    monkeypatch.setattr(exl3_tc, "PDL_PREFETCH", exl3_tc.PDL_PREFETCH)
+    monkeypatch.setattr(exl3_dispatch, "SMALL_M_KERNEL", exl3_dispatch.SMALL_M_KERNEL)
+    monkeypatch.setattr(exl3_dispatch, "TC_MAX_M", exl3_dispatch.TC_MAX_M)
+    try:
+        bench_e2e.set_switch("TRELLM_PDL", "0")
+        assert kernels.PDL is False
+        bench_e2e.set_switch("TRELLM_PDL_PREFETCH", "2")
+        assert kernels.PDL_PREFETCH == exl3_gemv.PDL_PREFETCH == exl3_tc.PDL_PREFETCH == 2
+        bench_e2e.set_switch("TRELLM_SMALL_M", "fma")
+        bench_e2e.set_switch("TRELLM_TC_MAX_M", "32")
+        assert (exl3_dispatch.SMALL_M_KERNEL, exl3_dispatch.TC_MAX_M) == ("fma", 32)
+        with pytest.raises(SystemExit, match="not a switch"):
+            bench_e2e.set_switch("TRELLM_NOPE", "1")
+    finally:
+        kernels.pdl_on.cache_clear()
