@@ -212,7 +212,9 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2}),
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
     (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}), (4, "mul1", 1, {"pdl": True}),
-    (5, "mcg", 16, {"pdl": True}), (6, "mul1", 1, {"pdl": True, "pdl_prefetch": 2})])
+    (5, "mcg", 16, {"pdl": True}), (6, "mul1", 1, {"pdl": True, "pdl_prefetch": 2}),
+    (4, "mul1", 1, {"x_coalesced": True}), (3, "mcg", 16, {"x_coalesced": True}), (4, "mul1", 64, {"x_coalesced": True}),
+    (6, "3inst", 33, {"x_coalesced": True, "prefetch": True})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_usage, tc_constexprs
 
@@ -224,6 +226,11 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     assert ("dp4a" in ptx) == (codebook == "mul1")
     assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build
     assert ("cp.async" in ptx) == (opts.get("stages", 0) > 1)
+    if opts.get("x_coalesced"):  # x rows through shared memory: more ldmatrix than the same kernel without
+        plain = {k: v for k, v in opts.items() if k != "x_coalesced"}
+        plain_ptx = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1,
+                                                   **plain)).asm["ptx"]
+        assert ptx.count("ldmatrix") > plain_ptx.count("ldmatrix")
     # Occupancy guard: up to 32 rows, at most 168 registers keeps 3 programs of 4 warps per SM (the timed
     # defaults take 96-167; more would drop to 2 and expose the loads' latency). 33-64 rows (a 64-column
     # accumulator) take 224-246 registers: 2 programs per SM. Nothing spills to local memory.
@@ -449,3 +456,30 @@ def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
                 torch.testing.assert_close(out, serial, rtol=0, atol=0)
     finally:
         kernels.pdl_on.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 9, 17, 64])
+@pytest.mark.parametrize("bits, codebook", [(4, "mul1"), (5, "mcg")])
+def test_tensor_core_gemv_coalesced_x_on_gpu(m, bits, codebook):
+    """x rows loaded with 16-byte loads and moved into the mma operand through shared memory (x_coalesced),
+    with and without the register prefetch, on runs of one and many iterations."""
+    from trellm.kernels.exl3_tc import exl3_gemv_tc
+    from trellm.kernels.hadamard import had_in
+
+    lin, g = _tc_case(1664, 3000, bits, codebook, True, bits + m)
+    x = torch.randn(m, 1664, generator=g).cuda()
+    xh, xs = had_in(x, lin.suh)
+    ref = lin._forward_ref(x).float()
+    base = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, 3000, torch.float32)
+    for prefetch in (False, True):
+        for programs in (None, 100):
+            y = exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, 3000, torch.float32,
+                             prefetch=prefetch, programs=programs, x_coalesced=True)
+            assert (y - ref).abs().max() <= 6e-3 * ref.abs().max(), (prefetch, programs)
+        # The same products in the same order: equal to the default load bit for bit.
+        torch.testing.assert_close(exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, 3000,
+                                                torch.float32, prefetch=prefetch, x_coalesced=True),
+                                   exl3_gemv_tc(xh, xs, lin.trellis, lin.svh, lin.bias, codebook, 3000,
+                                                torch.float32, prefetch=prefetch), rtol=0, atol=0)
+    assert base.shape == (m, 3000)

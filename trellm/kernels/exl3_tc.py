@@ -58,7 +58,7 @@ def _state(s0, s1, s2, O: gl.constexpr):
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
              TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
-             PINGPONG: gl.constexpr, STAGES: gl.constexpr):
+             PINGPONG: gl.constexpr, STAGES: gl.constexpr, XCOAL: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
 
@@ -66,7 +66,11 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     iteration ahead into registers (PINGPONG: in two alternating register sets); STAGES > 1: copied
     STAGES - 1 iterations ahead by cp.async into a ring in shared memory, each lane staging only its own
     words, so that the registers stay free for more programs per SM (Triton still places 3-4 bar.sync
-    per iteration around the ring)."""
+    per iteration around the ring).
+
+    x rows reach the mma either loaded straight in its B-operand layout (every warp loads the whole
+    [16·TA, BN] tile, 32 bits per load) or, XCOAL, loaded once per program with 16-byte loads along k and
+    moved into the operand layout through shared memory (a variant for the wide tiles of 17-64 rows)."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -87,8 +91,12 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     p0 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + W) % W
     p1 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + 1 + W) % W
     p2 = tr_ptr + (row0 * NT + col_tile) * W + tile + (d0 + 2 + W) % W
-    bk = gl.arange(0, 16 * TA, layout=gl.SliceLayout(1, b_layout))
-    bm = gl.arange(0, BN, layout=gl.SliceLayout(0, b_layout))
+    if XCOAL:  # 8 consecutive k of one batch row per thread: one 16-byte load
+        x_layout: gl.constexpr = gl.BlockedLayout([8, 1], [2 * TA, 32 // (2 * TA)], [1, 4], [0, 1])
+    else:
+        x_layout: gl.constexpr = b_layout
+    bk = gl.arange(0, 16 * TA, layout=gl.SliceLayout(1, x_layout))
+    bm = gl.arange(0, BN, layout=gl.SliceLayout(0, x_layout))
     # Batch rows past M load as zeros. (Loading the one row into every column for m = 1 instead, without
     # the mask, ran 1.7× slower on an H100: 37.9 against 22.6 µs at K = 4 on 4096→14336.)
     xp = x_ptr + row0 * 16 + bk[:, None] + bm[None, :] * stride_xm
@@ -113,7 +121,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
                 w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
             xb = xbn
             xbn = gl.load(xp + gl.minimum(i + 1, n_iter - 1) * 16 * TA, mask=bm[None, :] < M, other=0.0)
-            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     elif PREFETCH and PINGPONG:
         # Iteration i decodes words loaded during iteration i - 1, two iterations per trip alternating
         # two register sets, so that no loaded word is copied (a single set carried across trips costs
@@ -122,29 +130,29 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         wa0, wa1, wa2, xba = _tc_loads(src, 0, K)
         for i in range(0, n_iter - 1, 2):
             wb0, wb1, wb2, xbb = _tc_loads(src, i + 1, K)
-            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
             wa0, wa1, wa2, xba = _tc_loads(src, gl.minimum(i + 2, n_iter - 1), K)
-            acc = _tc_mma(wb0, wb1, wb2, xbb, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(wb0, wb1, wb2, xbb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
         if n_iter % 2 == 1:
-            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
         w0n, w1n, w2n, xbn = _tc_loads(src, 0, K)
         for i in range(n_iter):
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
             w0n, w1n, w2n, xbn = _tc_loads(src, gl.minimum(i + 1, n_iter - 1), K)
-            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     else:
         for i in range(n_iter):
             w0, w1, w2, xb = _tc_loads(src, i, K)
-            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout)
+            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     return acc
 
 
 @gluon.jit
 def _tc_mma(w0, w1, w2, xb, acc, off, K: gl.constexpr, TA: gl.constexpr, CODEBOOK: gl.constexpr,
-            a_layout: gl.constexpr):
+            a_layout: gl.constexpr, b_layout: gl.constexpr):
     """One iteration: decode the lane's words w0 w1 w2 (its stream from bit `off` of w0) into the A
-    operand and multiply by the x rows xb into acc."""
+    operand and multiply by the x rows xb (in b_layout, or moved there: XCOAL) into acc."""
     if K % 4 == 0:  # every lane's stream starts at the same bit of its first word
         OFF0: gl.constexpr = (K + 16) % 32
         s0 = w0
@@ -170,7 +178,7 @@ def _tc_mma(w0, w1, w2, xb, acc, off, K: gl.constexpr, TA: gl.constexpr, CODEBOO
     # (tests/kernels/test_exl3_kernels.py replays these steps in torch).
     v = gl.permute(v, A_PERM.value)
     wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
-    return mma_v2(wa, xb, acc)
+    return mma_v2(wa, gl.convert_layout(xb, b_layout), acc)
 
 
 @gluon.jit
@@ -268,7 +276,7 @@ def _exl3_tc_kernel(
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
     PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
-    PDL_PF: gl.constexpr = 0,
+    PDL_PF: gl.constexpr = 0, XCOAL: gl.constexpr = False,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -309,7 +317,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH, PINGPONG, STAGES)
+                       PREFETCH, PINGPONG, STAGES, XCOAL)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -368,7 +376,8 @@ def tc_bn(m: int) -> int:
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
-                  timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0) -> dict:
+                  timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0,
+                  x_coalesced: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -386,16 +395,19 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
     assert kt % ta == 0 and not (prefetch and stages > 1) and pdl_prefetch in (0, 1, 2, 4)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0)
+                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0,
+                XCOAL=x_coalesced)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
                  prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
-                 programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False):
+                 programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False,
+                 x_coalesced: bool = False):
     """Same contract as exl3_gemv (x_h fp16 [m <= 64, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
-    stages >= 2 (the words through shared memory by cp.async) are variants to time, see _tc_span.
+    stages >= 2 (the words through shared memory by cp.async) and x_coalesced (x rows loaded once per program
+    and moved through shared memory) are variants to time, see _tc_span.
     timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
     start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
@@ -413,7 +425,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     tr = trellis.view(torch.int32)
     pdl = pdl_on(x_h.device)
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
-           stages, per_sm, programs, groups > 1, timeline, pdl)
+           stages, per_sm, programs, groups > 1, timeline, pdl, x_coalesced)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -424,7 +436,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, pdl, PDL_PREFETCH)
+                               pingpong, stages, timeline, pdl, PDL_PREFETCH, x_coalesced)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
