@@ -63,7 +63,8 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
             "decode_tok_s": round(decode_tokens / max(end - last_first, 1e-9), 1), "tokens": tokens}
 
 
-SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_SMALL_M": "auto", "TRELLM_TC_MAX_M": "64"}
+SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "0", "TRELLM_SMALL_M": "auto",
+                   "TRELLM_TC_MAX_M": "64"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -76,6 +77,8 @@ def set_switch(name: str, value: str) -> None:
         kernels.pdl_on.cache_clear()
     elif name == "TRELLM_PDL_PREFETCH":  # imported by name into both GEMV modules
         kernels.PDL_PREFETCH = exl3_gemv.PDL_PREFETCH = exl3_tc.PDL_PREFETCH = int(value)
+    elif name == "TRELLM_PDL_EARLY":  # imported by name into exl3_tc
+        kernels.PDL_EARLY = exl3_tc.PDL_EARLY = value == "1"
     elif name == "TRELLM_SMALL_M":
         exl3_dispatch.SMALL_M_KERNEL = value
     elif name == "TRELLM_TC_MAX_M":

@@ -38,10 +38,11 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
     import trellm.kernels as kernels
     from trellm.kernels import exl3_dispatch, exl3_gemv, exl3_tc
 
-    for name in ("PDL", "PDL_PREFETCH"):
+    for name in ("PDL", "PDL_PREFETCH", "PDL_EARLY"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name))
     monkeypatch.setattr(exl3_gemv, "PDL_PREFETCH", exl3_gemv.PDL_PREFETCH)
-    monkeypatch.setattr(exl3_tc, "PDL_PREFETCH", exl3_tc.PDL_PREFETCH)
+    for name in ("PDL_PREFETCH", "PDL_EARLY"):
+        monkeypatch.setattr(exl3_tc, name, getattr(exl3_tc, name))
     monkeypatch.setattr(exl3_dispatch, "SMALL_M_KERNEL", exl3_dispatch.SMALL_M_KERNEL)
     monkeypatch.setattr(exl3_dispatch, "TC_MAX_M", exl3_dispatch.TC_MAX_M)
     try:
@@ -49,6 +50,8 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
         assert kernels.PDL is False
         bench_e2e.set_switch("TRELLM_PDL_PREFETCH", "2")
         assert kernels.PDL_PREFETCH == exl3_gemv.PDL_PREFETCH == exl3_tc.PDL_PREFETCH == 2
+        bench_e2e.set_switch("TRELLM_PDL_EARLY", "1")
+        assert kernels.PDL_EARLY is exl3_tc.PDL_EARLY is True
         bench_e2e.set_switch("TRELLM_SMALL_M", "fma")
         bench_e2e.set_switch("TRELLM_TC_MAX_M", "32")
         assert (exl3_dispatch.SMALL_M_KERNEL, exl3_dispatch.TC_MAX_M) == ("fma", 32)

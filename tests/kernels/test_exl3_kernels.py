@@ -213,14 +213,18 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
     (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}), (4, "mul1", 1, {"pdl": True}),
     (5, "mcg", 16, {"pdl": True}), (6, "mul1", 1, {"pdl": True, "pdl_prefetch": 2}),
-    (4, "mul1", 1, {"x_coalesced": True}), (3, "mcg", 16, {"x_coalesced": True}), (4, "mul1", 64, {"x_coalesced": True}),
-    (6, "3inst", 33, {"x_coalesced": True, "prefetch": True})])
+    (4, "mul1", 1, {"x_coalesced": True}), (3, "mcg", 16, {"x_coalesced": True}),
+    (4, "mul1", 64, {"x_coalesced": True}), (6, "3inst", 33, {"x_coalesced": True, "prefetch": True}),
+    (4, "mul1", 1, {"pdl": True, "pdl_early": True}), (3, "mcg", 16, {"pdl": True, "pdl_early": True}),
+    (5, "mul1", 4, {"pdl": True, "pdl_early": True, "pingpong": True})])
 def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     from trellm.kernels.exl3_tc import compile_for_sm90, cubin_usage, tc_constexprs
 
     kernel = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1, **opts))
     ptx = kernel.asm["ptx"]
     assert ("griddepcontrol.wait" in ptx) == opts.get("pdl", False)  # a dependent launch waits for its input
+    if opts.get("pdl_early"):  # ... after issuing some word loads
+        assert "ld.global" in ptx[: ptx.index("griddepcontrol.wait")]
     assert ("prefetch.global.L2" in ptx) == (opts.get("pdl_prefetch", 0) > 0)
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
@@ -413,8 +417,11 @@ def test_captured_graph_survives_a_larger_workspace():
 def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
     """With programmatic dependent launch (trellm.kernels.PDL) the GEMVs start while the norm / act·mul
     before them runs and wait for their input: norm → GEMV → act·mul → GEMV gives bit for bit what serial
-    launches give, eagerly and replayed from a CUDA graph."""
+    launches give, eagerly and replayed from a CUDA graph; also with the first words requested before the
+    wait (exl3_tc's PDL_EARLY)."""
     import trellm.kernels as kernels
+    from trellm.kernels import exl3_gemv as gemv_mod
+    from trellm.kernels import exl3_tc as tc_mod
     from trellm.kernels.exl3_dispatch import gemv_small
     from trellm.kernels.fused import act_mul_rotated, rms_norm_rotated
 
@@ -432,7 +439,10 @@ def test_dependent_launches_give_the_same_results_on_gpu(m, monkeypatch):
         return gemv_small(*rot2, down.trellis, down.svh, down.bias, "mul1", 1024, torch.bfloat16)
 
     try:
-        for pdl in (False, True):
+        for pdl, early in ((False, False), (True, False), (True, True)):
+            monkeypatch.setattr(tc_mod, "PDL_EARLY", early)
+            gemv_mod._PLANS.clear()
+            tc_mod._PLANS.clear()
             monkeypatch.setattr(kernels, "PDL", pdl)
             kernels.pdl_on.cache_clear()
             assert kernels.pdl_on(x.device) == pdl

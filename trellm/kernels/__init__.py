@@ -33,6 +33,9 @@ def pdl_on(device: torch.device) -> bool:
 # Iterations of its first span whose weights a dependent GEMV asks L2 for before it waits (0: none); for
 # A/B timing (TRELLM_PDL_PREFETCH).
 PDL_PREFETCH = int(os.environ.get("TRELLM_PDL_PREFETCH", "0"))
+# A dependent exl3_tc issues its first iteration's word loads before it waits (TRELLM_PDL_EARLY=1; off until
+# timed). exl3_gemv's m = 1 form went to 255 registers with it: TRELLM_PDL_PREFETCH=1 is its counterpart.
+PDL_EARLY = os.environ.get("TRELLM_PDL_EARLY", "0") == "1"
 
 
 @triton.jit

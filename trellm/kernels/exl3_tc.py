@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from trellm.kernels import PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2
+from trellm.kernels import PDL_EARLY, PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
@@ -58,7 +58,7 @@ def _state(s0, s1, s2, O: gl.constexpr):
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
              TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
-             PINGPONG: gl.constexpr, STAGES: gl.constexpr, XCOAL: gl.constexpr):
+             PINGPONG: gl.constexpr, STAGES: gl.constexpr, XCOAL: gl.constexpr, EARLY: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
 
@@ -70,7 +70,10 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
 
     x rows reach the mma either loaded straight in its B-operand layout (every warp loads the whole
     [16·TA, BN] tile, 32 bits per load) or, XCOAL, loaded once per program with 16-byte loads along k and
-    moved into the operand layout through shared memory (a variant for the wide tiles of 17-64 rows)."""
+    moved into the operand layout through shared memory (a variant for the wide tiles of 17-64 rows).
+
+    EARLY (a dependent launch without STAGES): the wait for the kernel that wrote x' (grid_wait) sits between
+    the first iteration's word loads and its x loads, so the words are in flight while that kernel ends."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -127,7 +130,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         # two register sets, so that no loaded word is copied (a single set carried across trips costs
         # ~60 moves per iteration at K = 4: 5.30 against 4.93 instructions per weight; 166 against 159
         # registers, 180 at K = 8).
-        wa0, wa1, wa2, xba = _tc_loads(src, 0, K)
+        wa0, wa1, wa2, xba = _tc_loads(src, 0, K, EARLY)
         for i in range(0, n_iter - 1, 2):
             wb0, wb1, wb2, xbb = _tc_loads(src, i + 1, K)
             acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
@@ -136,14 +139,14 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
         if n_iter % 2 == 1:
             acc = _tc_mma(wa0, wa1, wa2, xba, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     elif PREFETCH:  # iteration i decodes words loaded during iteration i - 1 (twice the word registers)
-        w0n, w1n, w2n, xbn = _tc_loads(src, 0, K)
+        w0n, w1n, w2n, xbn = _tc_loads(src, 0, K, EARLY)
         for i in range(n_iter):
             w0, w1, w2, xb = w0n, w1n, w2n, xbn
             w0n, w1n, w2n, xbn = _tc_loads(src, gl.minimum(i + 1, n_iter - 1), K)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     else:
         for i in range(n_iter):
-            w0, w1, w2, xb = _tc_loads(src, i, K)
+            w0, w1, w2, xb = _tc_loads(src, i, K, EARLY, i == 0)
             acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
     return acc
 
@@ -209,16 +212,20 @@ def _prefetch_rows(tr_ptr, row0, n_rows, col_tile, NT: gl.constexpr, K: gl.const
 
 
 @gluon.jit
-def _tc_loads(src, i, K: gl.constexpr):
+def _tc_loads(src, i, K: gl.constexpr, EARLY: gl.constexpr = False, first=True):
     """Iteration i's trellis words (the third only for K > 4, whose lane streams span three words) and
     its x rows (batch rows past M as zeros). src = (word pointers p0 p1 p2, x pointers, batch-row
-    indices, M, words' and x's step per iteration)."""
+    indices, M, words' and x's step per iteration). EARLY and first: wait for the kernel that wrote x'
+    between the two (grid_wait returns at once after its first time)."""
     p0, p1, p2, xp, bm, M, step_w, step_x = src
     w0 = gl.load(p0 + i * step_w).to(gl.uint32, bitcast=True)
     w1 = gl.load(p1 + i * step_w).to(gl.uint32, bitcast=True)
     w2 = w1
     if K > 4:
         w2 = gl.load(p2 + i * step_w).to(gl.uint32, bitcast=True)
+    if EARLY:
+        if first:
+            grid_wait()
     xb = gl.load(xp + i * step_x, mask=bm[None, :] < M, other=0.0)
     return w0, w1, w2, xb
 
@@ -276,7 +283,7 @@ def _exl3_tc_kernel(
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
     PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
-    PDL_PF: gl.constexpr = 0, XCOAL: gl.constexpr = False,
+    PDL_PF: gl.constexpr = 0, XCOAL: gl.constexpr = False, PDL_EARLY: gl.constexpr = False,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
     cut into P equal runs; a block's segments publish partial sums in fixed slots and the last to
@@ -285,7 +292,7 @@ def _exl3_tc_kernel(
     diagnostic, benchmarks/timeline_tc.py) records per program: the SM, global-timer ns at start and
     end, and SM cycles at start, after its K-loops and at end, in clk_ptr[pid, 0:6]. PDL: a dependent launch
     (see trellm.kernels.PDL) that waits for the kernel before it first, after asking L2 for the words of its
-    first PDL_PF iterations."""
+    first PDL_PF iterations; PDL_EARLY: the wait moves into the span (_tc_span's EARLY)."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
     pid = gl.program_id(0)
     if TIMELINE:
@@ -303,7 +310,8 @@ def _exl3_tc_kernel(
             blk = u // CH
             c0 = u - blk * CH
             _prefetch_rows(tr_ptr, c0 * TA, gl.minimum(u_end - u, CH - c0) * TA, blk * 8, NT, K, PDL_PF * TA)
-        grid_wait()
+        if not PDL_EARLY:
+            grid_wait()
     while u < u_end:
         blk = u // CH
         c0 = u - blk * CH
@@ -317,7 +325,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH, PINGPONG, STAGES, XCOAL)
+                       PREFETCH, PINGPONG, STAGES, XCOAL, PDL_EARLY)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -377,7 +385,7 @@ def tc_bn(m: int) -> int:
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
                   timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0,
-                  x_coalesced: bool = False) -> dict:
+                  x_coalesced: bool = False, pdl_early: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -396,7 +404,7 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
                 PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0,
-                XCOAL=x_coalesced)
+                XCOAL=x_coalesced, PDL_EARLY=pdl and pdl_early and stages < 2)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
@@ -436,7 +444,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
 
     if plan is None:
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, pdl, PDL_PREFETCH, x_coalesced)
+                               pingpong, stages, timeline, pdl, PDL_PREFETCH, x_coalesced, PDL_EARLY)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
