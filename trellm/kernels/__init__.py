@@ -33,18 +33,24 @@ def pdl_on(device: torch.device) -> bool:
 # Iterations of its first span whose weights a dependent GEMV asks L2 for before it waits (0: none); for
 # A/B timing (TRELLM_PDL_PREFETCH).
 PDL_PREFETCH = int(os.environ.get("TRELLM_PDL_PREFETCH", "0"))
+if PDL_PREFETCH not in (0, 1, 2, 4):
+    raise ValueError(f"TRELLM_PDL_PREFETCH={PDL_PREFETCH}: expected 0, 1, 2 or 4 iterations")
 # A dependent exl3_tc issues its first iteration's word loads before it waits (TRELLM_PDL_EARLY=1; off until
 # timed). exl3_gemv's m = 1 form went to 255 registers with it: TRELLM_PDL_PREFETCH=1 is its counterpart.
 PDL_EARLY = os.environ.get("TRELLM_PDL_EARLY", "0") == "1"
 
 
 @triton.jit
-def prefetch_l2(ptr, go):
-    """Ask L2 for the 128-byte line holding each address where go != 0; no register waits on it. (Asked
-    every iteration for later iterations, this made the small-m kernels 2-20 % slower on an H100.)"""
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [ptr.to(tl.int64, bitcast=True), go.to(tl.int32)], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def prefetch_tiles_l2(tile_ptr, go, K: tl.constexpr):
+    """Ask L2 for every 128-byte line of the trellis tiles (32·K bytes each) that start at tile_ptr, where
+    go; no register waits on it. Elementwise on the caller's tensors, so Triton and Gluon kernels share it.
+    (Asked every iteration for later iterations, this made the small-m kernels 2-20 % slower on an H100.)"""
+    B: tl.constexpr = 32 * K  # tiles of 96, 160, 192, 224 bytes may straddle one more line: their last word
+    NL: tl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
+    for q in tl.static_range(NL):
+        line = (tile_ptr + (32 * q if 32 * q < 8 * K else 8 * K - 1)).to(tl.int64, bitcast=True)
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                                  "=r,l,r", [line, go.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.kernels import PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2, sm_count
+from trellm.kernels import PDL_PREFETCH, grid_wait, pdl_on, prefetch_tiles_l2, sm_count
 from trellm.kernels.exl3_decode import (
     CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook_f32, _window, decode_block, split4,
 )
@@ -86,19 +86,6 @@ def _tile_words_direct(tr_ptr, tile_a, tile_c, NT, K: tl.constexpr, TA: tl.const
     for q in tl.static_range(W // 4):
         words = words + split4(tl.load(base + 4 * q).to(tl.uint32, bitcast=True))
     return words
-
-
-@triton.jit
-def _prefetch_tiles(tr_ptr, tile_a, tile_c, NT, go, K: tl.constexpr, TA: tl.constexpr):
-    """L2 prefetch of the TA × 8 tiles from (tile_a, tile_c), one thread per tile and 128-byte line, if go."""
-    B: tl.constexpr = 32 * K  # bytes per tile: tiles of 96, 160, 192, 224 bytes may straddle one more line
-    NL: tl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
-    a = tl.arange(0, TA)[:, None]
-    c = tl.arange(0, 8)[None, :]
-    base = tr_ptr + ((tile_a + a) * NT + tile_c + c) * (8 * K)
-    flag = tl.zeros((TA, 8), dtype=tl.int32) + go.to(tl.int32)
-    for q in tl.static_range(NL):
-        prefetch_l2(base + (32 * q if 32 * q < 8 * K else 8 * K - 1), flag)
 
 
 @triton.jit
@@ -268,10 +255,13 @@ def _exl3_gemv_kernel(
     u = pid * U // P
     u_end = (pid + 1) * U // P
     if PDL:
-        blk = u // CH
-        c0 = u - blk * CH
-        for j in tl.static_range(PDL_PF):
-            _prefetch_tiles(tr_ptr, (c0 + j) * TA, blk * 8, NT, (j < u_end - u) & (c0 + j < CH), K, TA)
+        if PDL_PF > 0:  # the first segment's first PDL_PF iterations: TA × 8 tiles each, one per thread
+            blk = u // CH
+            c0 = u - blk * CH
+            a = tl.arange(0, PDL_PF * TA)[:, None]
+            c = tl.arange(0, 8)[None, :]
+            prefetch_tiles_l2(tr_ptr + ((c0 * TA + a) * NT + blk * 8 + c) * (8 * K),
+                              (a < tl.minimum(u_end - u, CH - c0) * TA) & (c >= 0), K)
         grid_wait()
     while u < u_end:
         blk = u // CH
@@ -403,7 +393,6 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
         direct, prefetch = M1_LOADS == "direct", M1_LOADS == "prefetch"
     direct, prefetch = bool(direct), bool(prefetch)
     stages = stages if stages is not None else (1 if direct or prefetch else 2)
-    pdl = pdl_on(x_h.device)
     assert m <= BM and k_pad == kt * 16 and x_h.stride(-1) == 1 and x_h.dtype == torch.float16
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
     groups = x_h.shape[0] if x_h.dim() == 3 else 1
@@ -418,7 +407,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
     tr = trellis.view(torch.int32)
     # Everything but the tensors is decided once per call signature (decode calls this per layer per token).
     key = (x_h.device, kt, nt, depth, codebook, fma, bias is not None, ta, num_warps, use_asm, per_sm, programs,
-           stages, probe, groups > 1, direct, prefetch, pdl)
+           stages, probe, groups > 1, direct, prefetch)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor) -> tuple:
@@ -435,6 +424,7 @@ def exl3_gemv(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, sv
             if fma and kt == 16 and num_warps is None:
                 num_warps = 4
         assert kt % ta == 0
+        pdl = pdl_on(x_h.device)  # (a module switch: tests and benchmarks that flip it clear _PLANS)
         num_warps = num_warps if num_warps is not None else (max(1, ta // 4) if fma else 4)
         consts = dict(K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, FMA=fma, HAS_BIAS=bias is not None,
                       USE_ASM=x_h.is_cuda if use_asm is None else use_asm, C1=MUL1_C1, C2=MUL1_C2,

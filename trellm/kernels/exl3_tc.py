@@ -35,7 +35,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from trellm.kernels import PDL_EARLY, PDL_PREFETCH, grid_wait, pdl_on, prefetch_l2
+from trellm.kernels import PDL_EARLY, PDL_PREFETCH, grid_wait, pdl_on, prefetch_tiles_l2
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
@@ -198,17 +198,11 @@ def _tc_stage(ring, src, stage, i, K: gl.constexpr):
 
 @gluon.jit
 def _prefetch_rows(tr_ptr, row0, n_rows, col_tile, NT: gl.constexpr, K: gl.constexpr, ROWS: gl.constexpr):
-    """L2 prefetch of tile rows [row0, row0 + min(ROWS, n_rows)) of the 8 tile columns from col_tile: one
-    address per 128-byte line (tiles of 96, 160, 192, 224 bytes may straddle one more line: their last word)."""
-    B: gl.constexpr = 32 * K
-    NL: gl.constexpr = (B + 127) // 128 + (1 if B % 128 != 0 and 128 % B != 0 else 0)
-    NLP: gl.constexpr = 1 if NL == 1 else (2 if NL == 2 else 4)
-    lay: gl.constexpr = gl.BlockedLayout([1, 1, NLP], [4, 8, 1], [4, 1, 1], [2, 1, 0])  # NUM_WARPS warps
-    a = gl.arange(0, ROWS, layout=gl.SliceLayout(1, gl.SliceLayout(2, lay)))[:, None, None]
-    c = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, lay)))[None, :, None]
-    q = gl.arange(0, NLP, layout=gl.SliceLayout(0, gl.SliceLayout(1, lay)))[None, None, :]
-    ptr = tr_ptr + ((row0 + a) * NT + col_tile + c) * (8 * K) + gl.minimum(32 * q, 8 * K - 1)
-    prefetch_l2(ptr, ((a < n_rows) & (q < NL) & (c >= 0)).to(gl.int32))
+    """L2 prefetch of tile rows [row0, row0 + min(ROWS, n_rows)) of the 8 tile columns from col_tile."""
+    lay: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])  # NUM_WARPS warps
+    a = gl.arange(0, ROWS, layout=gl.SliceLayout(1, lay))[:, None]
+    c = gl.arange(0, 8, layout=gl.SliceLayout(0, lay))[None, :]
+    prefetch_tiles_l2(tr_ptr + ((row0 + a) * NT + col_tile + c) * (8 * K), (a < n_rows) & (c >= 0), K)
 
 
 @gluon.jit
@@ -431,9 +425,8 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
-    pdl = pdl_on(x_h.device)
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
-           stages, per_sm, programs, groups > 1, timeline, pdl, x_coalesced)
+           stages, per_sm, programs, groups > 1, timeline, x_coalesced)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -443,6 +436,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
                 stride_xg, stride_sg)
 
     if plan is None:
+        pdl = pdl_on(x_h.device)  # (a module switch: tests and benchmarks that flip it clear _PLANS)
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
                                pingpong, stages, timeline, pdl, PDL_PREFETCH, x_coalesced, PDL_EARLY)
         plan = _PLANS[key] = (consts, *stream_k_plan(
