@@ -64,7 +64,7 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "0", "TRELLM_SMALL_M": "auto",
-                   "TRELLM_TC_MAX_M": "64"}
+                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "9"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -83,6 +83,8 @@ def set_switch(name: str, value: str) -> None:
         exl3_dispatch.SMALL_M_KERNEL = value
     elif name == "TRELLM_TC_MAX_M":
         exl3_dispatch.TC_MAX_M = int(value)
+    elif name == "TRELLM_TC_XCOAL_M":
+        exl3_tc.XCOAL_M = int(value)
     else:
         raise SystemExit(f"--variants: {name} is not a switch this script can set ({', '.join(SWITCH_DEFAULTS)})")
     exl3_gemv._PLANS.clear()

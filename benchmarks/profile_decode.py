@@ -4,6 +4,11 @@ sampling, the host sync, results) — their difference is the host's share — a
 breakdown of one eager step (torch.profiler, GPU time by kernel name).
 
     python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256] [--host 15 [--trace F]]
+        [--split]
+
+--split times the phases of 20 generator steps on the host clock (no profiler): scheduling, packing the
+inputs, the graph launch call, sampling's launches, the wait for the tokens, the rest; and the graph launch
+call alone on an idle GPU.
 
 The model folder is written by bench_e2e.py (same presets) when missing.
 """
@@ -11,6 +16,7 @@ The model folder is written by bench_e2e.py (same presets) when missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +41,7 @@ def main() -> None:
     ap.add_argument("--host", type=int, default=0, help="also list the N torch ops with the most host time "
                     "in three generator steps (where the host share goes)")
     ap.add_argument("--trace", help="with --host: write those steps as a Chrome trace to TRACE.bB.json")
+    ap.add_argument("--split", action="store_true", help="also time the phases of a generator step (host clock)")
     args = ap.parse_args()
     out = Path(args.out)
     if not (out / "config.json").is_file():
@@ -71,6 +78,8 @@ def main() -> None:
             gen.iterate()
         torch.cuda.synchronize()
         iterate_ms = (time.perf_counter() - t0) * 1000 / 20
+        if args.split:
+            split_phases(gen, graph, 20)
         if args.host:  # where the host share goes: host-side time by torch op over three steps
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=acts) as host_prof:
@@ -103,6 +112,59 @@ def main() -> None:
               f"{count}, sum of kernel time {total / 1000:.3f} ms")
         for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"{us:9.1f} µs {n:5d}x {us / n:7.2f} µs  {name}")
+
+
+@contextlib.contextmanager
+def _timing(phases: dict[str, list[float]], owner, name: str, label: str):
+    """Time every call of owner.name into phases[label] while the block runs."""
+    fn = getattr(owner, name)
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            phases[label].append(time.perf_counter() - t)
+
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, fn)
+
+
+def split_phases(gen: Generator, graph: torch.cuda.CUDAGraph, steps: int) -> None:
+    """Host-clock time of each phase of `steps` Generator.iterate calls (ms per step), and of the graph
+    launch call alone with nothing queued on the GPU."""
+    import trellm.engine.generator as generator_module
+
+    phases: dict[str, list[float]] = defaultdict(list)
+    torch.cuda.synchronize()
+    with contextlib.ExitStack() as stack:
+        for owner, name, label in [(gen.scheduler, "schedule", "scheduler.schedule"),
+                                   (gen.graphs, "_pack", "pack inputs"),
+                                   (torch.cuda.CUDAGraph, "replay", "graph launch call"),
+                                   (generator_module, "sample_batch", "sample_batch launches"),
+                                   (torch.Tensor, "tolist", "tolist (waits for the GPU)"),
+                                   (gen.scheduler, "update", "scheduler.update"),
+                                   (gen, "_forward", "_forward (pack + copy + launch)"),
+                                   (gen, "_finish_pass", "_finish_pass (sample, wait, results)"),
+                                   (gen, "iterate", "iterate")]:
+            stack.enter_context(_timing(phases, owner, name, label))
+        for _ in range(steps):
+            gen.iterate()
+        torch.cuda.synchronize()
+    for label, times in phases.items():
+        print(f"   {sum(times) * 1000 / steps:8.3f} ms/step  {len(times) / steps:4.1f} calls  {label}")
+    idle = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        idle.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    idle.sort()
+    print(f"   graph launch call on an idle GPU: median {idle[5] * 1000:.3f} ms, min {idle[0] * 1000:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--pdl", type=int, default=-1,
                     help="compile as a dependent launch that asks L2 for this many iterations before it waits")
     ap.add_argument("--early", action="store_true", help="tc kind, with --pdl: the first words' loads before the wait")
-    ap.add_argument("--xcoal", action="store_true", help="tc kind: x rows by 16-byte loads through shared memory")
+    ap.add_argument("--xcoal", choices=("auto", "0", "1"), default="auto",
+                    help="tc kind: x rows by 16-byte loads through shared memory (1), in the operand layout (0)")
     ap.add_argument("--out", default="/tmp/exl3_gemv")
     args = ap.parse_args()
     if not triton.__version__.startswith("3.6."):
@@ -66,7 +67,7 @@ def main() -> None:
 
         consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
                                        False, False, ta=args.ta, pdl=args.pdl >= 0, pdl_prefetch=max(0, args.pdl),
-                                       x_coalesced=args.xcoal, pdl_early=args.early)
+                                       x_coalesced={"auto": None, "1": True, "0": False}[args.xcoal], pdl_early=args.early)
         kernel = exl3_tc.compile_for_sm90(consts)
         args.ta = consts["TA"]
         args.warps = exl3_tc.NUM_WARPS

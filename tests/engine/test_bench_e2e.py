@@ -41,7 +41,7 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
     for name in ("PDL", "PDL_PREFETCH", "PDL_EARLY"):
         monkeypatch.setattr(kernels, name, getattr(kernels, name))
     monkeypatch.setattr(exl3_gemv, "PDL_PREFETCH", exl3_gemv.PDL_PREFETCH)
-    for name in ("PDL_PREFETCH", "PDL_EARLY"):
+    for name in ("PDL_PREFETCH", "PDL_EARLY", "XCOAL_M"):
         monkeypatch.setattr(exl3_tc, name, getattr(exl3_tc, name))
     monkeypatch.setattr(exl3_dispatch, "SMALL_M_KERNEL", exl3_dispatch.SMALL_M_KERNEL)
     monkeypatch.setattr(exl3_dispatch, "TC_MAX_M", exl3_dispatch.TC_MAX_M)
@@ -55,6 +55,8 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
         bench_e2e.set_switch("TRELLM_SMALL_M", "fma")
         bench_e2e.set_switch("TRELLM_TC_MAX_M", "32")
         assert (exl3_dispatch.SMALL_M_KERNEL, exl3_dispatch.TC_MAX_M) == ("fma", 32)
+        bench_e2e.set_switch("TRELLM_TC_XCOAL_M", "65")
+        assert exl3_tc.XCOAL_M == 65
         with pytest.raises(SystemExit, match="not a switch"):
             bench_e2e.set_switch("TRELLM_NOPE", "1")
     finally:

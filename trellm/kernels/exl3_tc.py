@@ -30,6 +30,8 @@ conversion), and the GPU tests compare it with exl3_gemv_ref.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -43,6 +45,12 @@ from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 # releases (this repository's CPU environment) async_load.
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
+# From this many batch rows on, x is loaded by 16-byte loads once per program and moved into the mma operand
+# through shared memory (_tc_span's XCOAL) instead of by every warp in the operand layout. H100, K = 4, the two
+# 4096x14336 shapes (RESULTS.md, 2026-12-07 sixth session): 16 rows 27.3 -> 24.3 and 31.9 -> 27.4 us, 32 rows
+# 53.9 -> 35.5 and 60.3 -> 43.6, 64 rows 95.0 -> 51.2 and 100.2 -> 53.5. TRELLM_TC_XCOAL_M is for A/B timing
+# (65: never).
+XCOAL_M = int(os.environ.get("TRELLM_TC_XCOAL_M", "9"))
 # The decoded values' dimensions (a, r, w, t1, t0, j0, j1, j2) -> (A's rows: r, w, j2, t1 | its k: a, j1, t0, j0).
 A_PERM = gl.constexpr((1, 2, 7, 3, 0, 6, 4, 5))
 
@@ -379,7 +387,7 @@ def tc_bn(m: int) -> int:
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
                   ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
                   timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0,
-                  x_coalesced: bool = False, pdl_early: bool = False) -> dict:
+                  x_coalesced: bool | None = None, pdl_early: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
     if ta is None:
@@ -394,6 +402,8 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
         prefetch = m <= 8 and stages < 2
+    if x_coalesced is None:
+        x_coalesced = m >= XCOAL_M
     assert kt % ta == 0 and not (prefetch and stages > 1) and pdl_prefetch in (0, 1, 2, 4)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
@@ -405,11 +415,11 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
                  prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
                  programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False,
-                 x_coalesced: bool = False):
+                 x_coalesced: bool | None = None):
     """Same contract as exl3_gemv (x_h fp16 [m <= 64, k_pad] or [G <= 3, m, k_pad] with group_blocks),
     on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
-    stages >= 2 (the words through shared memory by cp.async) and x_coalesced (x rows loaded once per program
-    and moved through shared memory) are variants to time, see _tc_span.
+    stages >= 2 (the words through shared memory by cp.async) is a variant to time, see _tc_span; x_coalesced
+    (x rows loaded once per program and moved through shared memory) defaults to m >= XCOAL_M.
     timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
     start / end ns, start cycle, K-loop cycles, cycles)."""
     m, k_pad = x_h.shape[-2:]
@@ -425,6 +435,8 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     row_stride = trellis.stride(0) // depth  # tiles per trellis row (a column slice keeps the parent's)
     y = torch.empty(m, n, device=x_h.device, dtype=out_dtype)
     tr = trellis.view(torch.int32)
+    if x_coalesced is None:
+        x_coalesced = m >= XCOAL_M
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
            stages, per_sm, programs, groups > 1, timeline, x_coalesced)
     plan = _PLANS.get(key)
