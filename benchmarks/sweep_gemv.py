@@ -10,10 +10,9 @@ iteration's words prefetched in registers (m = 1 only), e.g. 16x4x1d, 16x4x1p, 8
 tensor-core kernel of kernels/exl3_tc.py (its default tile rows per iteration), `tc4` / `tc8` with 4 / 8,
 `tc8x2` with 2 programs per SM instead of the resident count, `tc8p` / `tc4p` with the next iteration's
 words and x rows loaded before the current ones are decoded (`q`: the same in two alternating register
-sets; `n`: without; none: the default for m),
-`tcns3` with the words staged three iterations deep through shared memory by cp.async; `c` after the
-prefetch letter (`tcc`, `tc4nc`): x rows by 16-byte loads, moved into the mma operand through shared memory,
-`d` there (`tcd`): x rows loaded in the operand layout by every warp (without either: the default for m).
+sets; `n`: without; none: the default for m); `c` after the prefetch letter (`tcc`, `tc4nc`): x rows by
+16-byte loads, moved into the mma operand through shared memory, `d` there (`tcd`): x rows loaded in the
+operand layout by every warp (without either: the default for m).
 """
 
 from __future__ import annotations
@@ -64,15 +63,14 @@ def main() -> None:
                     if config.startswith("tc"):
                         from trellm.kernels.exl3_tc import exl3_gemv_tc
 
-                        ta_s, pf, xc, st, per_sm_s = re.fullmatch(r"tc(\d*)([pnq]?)([cd]?)(?:s(\d))?(?:x(\d+))?",
-                                                                config).groups()
+                        ta_s, pf, xc, per_sm_s = re.fullmatch(r"tc(\d*)([pnq]?)([cd]?)(?:x(\d+))?", config).groups()
 
                         def fn(lay, ta=int(ta_s) if ta_s else None, per_sm=int(per_sm_s) if per_sm_s else None,
                                prefetch={"p": True, "q": True, "n": False}.get(pf), pingpong=pf == "q",
-                               stages=int(st or 0), xc={"c": True, "d": False}.get(xc)):
+                               xc={"c": True, "d": False}.get(xc)):
                             return exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16,
                                                 ta=ta, per_sm=per_sm, prefetch=prefetch, pingpong=pingpong,
-                                                stages=stages, x_coalesced=xc)
+                                                x_coalesced=xc)
                         report(k, n, bits, m, config, fn, layers, ref, args.probe)
                         continue
                     loads = config[-1] if config[-1] in "dp" else ""

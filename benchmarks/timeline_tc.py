@@ -4,7 +4,7 @@ programs start, how long their K-loops and the rest (segment setup, partial sums
 many programs are alive over the launch — the ramp, the steady state and the tail Nsight Compute only shows
 summed (benchmarks/RESULTS.md: SM sub-partitions idle a quarter of the kernel's duration).
 
-    python benchmarks/timeline_tc.py [--k 4096 --n 14336 --bits 4 --m 1] [--prefetch 0|1] [--stages 3]
+    python benchmarks/timeline_tc.py [--k 4096 --n 14336 --bits 4 --m 1] [--prefetch 0|1] [--xcoal 0|1]
 
 A diagnostic build of the kernel (TIMELINE): its timings include the clock reads, a few per program.
 """
@@ -26,13 +26,14 @@ def pct(t: torch.Tensor, q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prefetch", type=int, default=None)
-    ap.add_argument("--stages", type=int, default=0)
+    ap.add_argument("--xcoal", type=int, default=None, help="x rows through shared memory (default: by m)")
     ap.add_argument("--bins", type=int, default=12)
     args, lay, xh, xs = one_layer_input(ap)
     pf = None if args.prefetch is None else bool(args.prefetch)
     for _ in range(5):  # compile, then let clocks and caches settle; keep the last record
         _, rec = exl3_gemv_tc(xh, xs, lay.trellis, lay.svh, None, lay.codebook, args.n, torch.bfloat16,
-                              prefetch=pf, stages=args.stages, timeline=True)
+                              prefetch=pf, timeline=True,
+                              x_coalesced=None if args.xcoal is None else bool(args.xcoal))
     torch.cuda.synchronize()
     rec = rec.cpu()
     sm, t0, t1, cycles_loop, cycles = rec[:, 0], rec[:, 1], rec[:, 2], rec[:, 4], rec[:, 5]

@@ -208,8 +208,7 @@ def test_fused_projections_match_each_linear_on_gpu(m, bits, bias):
 @pytest.mark.parametrize("bits, codebook, m, opts", [  # opts: tc_constexprs' options beyond the defaults
     (1, "mul1", 1, {}), (2, "mul1", 1, {}), (3, "mcg", 5, {}), (4, "mul1", 1, {}), (4, "mul1", 16, {}),
     (5, "3inst", 1, {}), (5, "mul1", 16, {}), (6, "mul1", 9, {}), (7, "mul1", 1, {}), (8, "mcg", 1, {}),
-    (3, "mul1", 1, {"prefetch": False}), (8, "mul1", 16, {"prefetch": True}), (4, "mul1", 1, {"timeline": True}),
-    (4, "mul1", 1, {"stages": 3}), (6, "3inst", 5, {"stages": 2}), (8, "mul1", 16, {"stages": 2}),
+    (3, "mul1", 1, {"prefetch": False}), (8, "mul1", 16, {"prefetch": True, "x_coalesced": False}), (4, "mul1", 1, {"timeline": True}),
     (4, "mul1", 1, {"prefetch": True, "pingpong": True}), (7, "mcg", 3, {"prefetch": True, "pingpong": True}),
     (4, "mul1", 32, {}), (6, "mcg", 17, {}), (4, "mul1", 64, {}), (8, "3inst", 40, {}), (4, "mul1", 1, {"pdl": True}),
     (5, "mcg", 16, {"pdl": True}), (6, "mul1", 1, {"pdl": True, "pdl_prefetch": 2}),
@@ -229,7 +228,6 @@ def test_tensor_core_gemv_compiles_for_sm90(bits, codebook, m, opts):
     assert "mma.sync.aligned.m16n8k16" in ptx
     assert ("dp4a" in ptx) == (codebook == "mul1")
     assert ("%globaltimer" in ptx) == opts.get("timeline", False)  # benchmarks/timeline_tc.py's build
-    assert ("cp.async" in ptx) == (opts.get("stages", 0) > 1)
     if opts.get("x_coalesced"):  # x rows through shared memory: more ldmatrix than the same kernel without
         plain = {**opts, "x_coalesced": False}
         plain_ptx = compile_for_sm90(tc_constexprs(256, 896, 16 * bits, codebook, m, has_bias=True, grouped=m == 1,
@@ -331,14 +329,12 @@ def test_tensor_core_gemv_matches_reference_on_gpu(k, n, m, bits, codebook):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"prefetch": True, "pingpong": True},
-                                  {"stages": 2}, {"stages": 3}])
+@pytest.mark.parametrize("opts", [{"prefetch": False}, {"prefetch": True}, {"prefetch": True, "pingpong": True}])
 @pytest.mark.parametrize("bits, codebook", [(3, "mcg"), (4, "mul1"), (6, "3inst"), (8, "mul1")])
 @pytest.mark.parametrize("m", [1, 9])
 def test_tensor_core_gemv_load_variants_on_gpu(opts, bits, codebook, m):
     """Each way of bringing the words to the lanes (at the top of the iteration, one iteration ahead in
-    registers, in two alternating register sets, cp.async stages through shared memory) on runs of 1 to
-    many iterations (odd and even counts)."""
+    registers, in two alternating register sets) on runs of 1 to many iterations (odd and even counts)."""
     from trellm.kernels.exl3_tc import exl3_gemv_tc
     from trellm.kernels.hadamard import had_in
 

@@ -35,15 +35,12 @@ import os
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from trellm.kernels import PDL_EARLY, PDL_PREFETCH, grid_wait, pdl_on, prefetch_tiles_l2
 from trellm.kernels.exl3_decode import CODEBOOK_IDS, MUL1_C1, MUL1_C2, _codebook, _window
 from trellm.kernels.exl3_gemv import _workspace, stream_k_plan
 
-# cp.async into shared memory: Triton 3.6 (the GPU machines) calls it async_copy_global_to_shared, newer
-# releases (this repository's CPU environment) async_load.
-_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile columns
 # From this many batch rows on, x is loaded by 16-byte loads once per program and moved into the mma operand
 # through shared memory (_tc_span's XCOAL) instead of by every warp in the operand layout. H100, K = 4, the two
@@ -66,21 +63,20 @@ def _state(s0, s1, s2, O: gl.constexpr):
 @gluon.jit
 def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constexpr, K: gl.constexpr,
              TA: gl.constexpr, BN: gl.constexpr, CODEBOOK: gl.constexpr, PREFETCH: gl.constexpr,
-             PINGPONG: gl.constexpr, STAGES: gl.constexpr, XCOAL: gl.constexpr, EARLY: gl.constexpr):
+             PINGPONG: gl.constexpr, XCOAL: gl.constexpr, EARLY: gl.constexpr):
     """Σ x'·q over tile rows [row0, row0 + n_iter·TA) of the 8 tile columns from col_tile: [128 output
     columns, BN batch rows] fp32 in the mma layout (mul1: Σ x'·(1024 + b)).
 
-    Words reach the lanes one of three ways: loaded at the top of their iteration; PREFETCH: loaded one
-    iteration ahead into registers (PINGPONG: in two alternating register sets); STAGES > 1: copied
-    STAGES - 1 iterations ahead by cp.async into a ring in shared memory, each lane staging only its own
-    words, so that the registers stay free for more programs per SM (Triton still places 3-4 bar.sync
-    per iteration around the ring).
+    Words reach the lanes one of two ways: loaded at the top of their iteration, or (PREFETCH) loaded one
+    iteration ahead into registers (PINGPONG: in two alternating register sets). (Staging them 1-3 iterations
+    ahead through shared memory by cp.async, which freed registers for more programs per SM, timed 13-29 %
+    slower at m = 1 on an H100: RESULTS.md, 2026-12-07 sixth session.)
 
     x rows reach the mma either loaded straight in its B-operand layout (every warp loads the whole
     [16·TA, BN] tile, 32 bits per load) or, XCOAL, loaded once per program with 16-byte loads along k and
     moved into the operand layout through shared memory (a variant for the wide tiles of 17-64 rows).
 
-    EARLY (a dependent launch without STAGES): the wait for the kernel that wrote x' (grid_wait) sits between
+    EARLY (a dependent launch): the wait for the kernel that wrote x' (grid_wait) sits between
     the first iteration's word loads and its x loads, so the words are in flight while that kernel ends."""
     W: gl.constexpr = 8 * K  # 32-bit words per tile
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
@@ -114,26 +110,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
     acc = gl.zeros([128, BN], gl.float32, layout=mma)
     src = (p0, p1, p2, xp, bm, M, TA * NT * W, 16 * TA)  # what _tc_loads reads iteration i from
     # Loads past the span would leave the trellis: the prefetching forms' last loads repeat the final rows.
-    if STAGES > 1:
-        NW: gl.constexpr = 3 if K > 4 else 2  # words per lane and tile
-        ring = gl.allocate_shared_memory(gl.int32, [STAGES * NW, TA, 2, 4, 32],
-                                         gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))  # per buffer
-        for s in gl.static_range(STAGES - 1):
-            _tc_stage(ring, src, s, gl.minimum(s, n_iter - 1), K)
-        xbn = gl.load(xp, mask=bm[None, :] < M, other=0.0)
-        for i in range(n_iter):
-            _tc_stage(ring, src, (i + STAGES - 1) % STAGES, gl.minimum(i + STAGES - 1, n_iter - 1), K)
-            async_copy.wait_group(STAGES - 1)  # this thread's copies for iteration i have landed
-            st = i % STAGES
-            w0 = ring.index(st * NW).load(lanes).to(gl.uint32, bitcast=True)
-            w1 = ring.index(st * NW + 1).load(lanes).to(gl.uint32, bitcast=True)
-            w2 = w1
-            if K > 4:
-                w2 = ring.index(st * NW + 2).load(lanes).to(gl.uint32, bitcast=True)
-            xb = xbn
-            xbn = gl.load(xp + gl.minimum(i + 1, n_iter - 1) * 16 * TA, mask=bm[None, :] < M, other=0.0)
-            acc = _tc_mma(w0, w1, w2, xb, acc, off, K, TA, CODEBOOK, a_layout, b_layout)
-    elif PREFETCH and PINGPONG:
+    if PREFETCH and PINGPONG:
         # Iteration i decodes words loaded during iteration i - 1, two iterations per trip alternating
         # two register sets, so that no loaded word is copied (a single set carried across trips costs
         # ~60 moves per iteration at K = 4: 5.30 against 4.93 instructions per weight; 166 against 159
@@ -190,18 +167,6 @@ def _tc_mma(w0, w1, w2, xb, acc, off, K: gl.constexpr, TA: gl.constexpr, CODEBOO
     v = gl.permute(v, A_PERM.value)
     wa = gl.convert_layout(gl.reshape(v, [128, 16 * TA]), a_layout, assert_trivial=True)
     return mma_v2(wa, gl.convert_layout(xb, b_layout), acc)
-
-
-@gluon.jit
-def _tc_stage(ring, src, stage, i, K: gl.constexpr):
-    """cp.async of iteration i's words (src as for _tc_loads) into ring stage `stage`, as one commit group."""
-    NW: gl.constexpr = 3 if K > 4 else 2
-    offset = i * src[6]
-    _cp_async(ring.index(stage * NW), src[0] + offset)
-    _cp_async(ring.index(stage * NW + 1), src[1] + offset)
-    if K > 4:
-        _cp_async(ring.index(stage * NW + 2), src[2] + offset)
-    async_copy.commit_group()
 
 
 @gluon.jit
@@ -284,7 +249,7 @@ def _exl3_tc_kernel(
     M, N, stride_xm, stride_ym, k_blocks, CH, U, P, MAXSEG, GB1, GB2, stride_xg, stride_sg,
     NT: gl.constexpr, K: gl.constexpr, CODEBOOK: gl.constexpr, TA: gl.constexpr, BN: gl.constexpr,
     HAS_BIAS: gl.constexpr, C1: gl.constexpr, C2: gl.constexpr, GROUPED: gl.constexpr, PREFETCH: gl.constexpr,
-    PINGPONG: gl.constexpr, STAGES: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
+    PINGPONG: gl.constexpr, TIMELINE: gl.constexpr, PDL: gl.constexpr = False,
     PDL_PF: gl.constexpr = 0, XCOAL: gl.constexpr = False, PDL_EARLY: gl.constexpr = False,
 ):
     """Stream-K as exl3_gemv's kernel: the U = (column blocks) × CH (chunks of TA tile rows) units are
@@ -327,7 +292,7 @@ def _exl3_tc_kernel(
         if TIMELINE:
             c_span = _timer(pid, CLOCK)
         acc = _tc_span(xg_ptr, tr_ptr, stride_xm, M, c0 * TA, c1 - c0, blk * 8, NT, K, TA, BN, CODEBOOK,
-                       PREFETCH, PINGPONG, STAGES, XCOAL, PDL_EARLY)
+                       PREFETCH, PINGPONG, XCOAL, PDL_EARLY)
         if TIMELINE:  # read the clock once the span's products exist
             c_loops += _timer(gl.sum(gl.sum(acc, axis=1), axis=0).to(gl.int32), CLOCK) - c_span
         first = ((blk * CH + 1) * P - 1) // U
@@ -385,7 +350,7 @@ def tc_bn(m: int) -> int:
 
 
 def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias: bool, grouped: bool,
-                  ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False, stages: int = 0,
+                  ta: int | None = None, prefetch: bool | None = None, pingpong: bool = False,
                   timeline: bool = False, pdl: bool = False, pdl_prefetch: int = 0,
                   x_coalesced: bool | None = None, pdl_early: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
@@ -401,24 +366,24 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
         # Loading iteration i + 1's words before decoding iteration i's (120-161 registers) timed 1-10 %
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
-        prefetch = m <= 8 and stages < 2
+        prefetch = m <= 8
     if x_coalesced is None:
         x_coalesced = m >= XCOAL_M
-    assert kt % ta == 0 and not (prefetch and stages > 1) and pdl_prefetch in (0, 1, 2, 4)
+    assert kt % ta == 0 and pdl_prefetch in (0, 1, 2, 4)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
-                PINGPONG=pingpong, STAGES=stages, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0,
-                XCOAL=x_coalesced, PDL_EARLY=pdl and pdl_early and stages < 2)
+                PINGPONG=pingpong, TIMELINE=timeline, PDL=pdl, PDL_PF=pdl_prefetch if pdl else 0,
+                XCOAL=x_coalesced, PDL_EARLY=pdl and pdl_early)
 
 
 def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, svh: torch.Tensor,
                  bias: torch.Tensor | None, codebook: str, n: int, out_dtype: torch.dtype, *, ta: int | None = None,
-                 prefetch: bool | None = None, pingpong: bool = False, stages: int = 0, per_sm: int | None = None,
+                 prefetch: bool | None = None, pingpong: bool = False, per_sm: int | None = None,
                  programs: int | None = None, group_blocks: tuple[int, ...] = (), timeline: bool = False,
                  x_coalesced: bool | None = None):
     """Same contract as exl3_gemv (x_h fp16 [m <= 64, k_pad] or [G <= 3, m, k_pad] with group_blocks),
-    on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) and
-    stages >= 2 (the words through shared memory by cp.async) is a variant to time, see _tc_span; x_coalesced
+    on the tensor cores for every m; CUDA only (sm_80+). pingpong (two register sets for the prefetch) is a
+    variant to time, see _tc_span; x_coalesced
     (x rows loaded once per program and moved through shared memory) defaults to m >= XCOAL_M.
     timeline=True (a diagnostic) returns (y, the kernel's per-program record [programs, 6] int64: SM,
     start / end ns, start cycle, K-loop cycles, cycles)."""
@@ -438,7 +403,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     if x_coalesced is None:
         x_coalesced = m >= XCOAL_M
     key = (x_h.device, kt, nt, row_stride, depth, codebook, tc_bn(m), bias is not None, ta, prefetch, pingpong,
-           stages, per_sm, programs, groups > 1, timeline, x_coalesced)
+           per_sm, programs, groups > 1, timeline, x_coalesced)
     plan = _PLANS.get(key)
 
     def args(p: int, maxseg: int, ws: torch.Tensor, cnt: torch.Tensor, clk: torch.Tensor | None = None) -> tuple:
@@ -450,7 +415,7 @@ def exl3_gemv_tc(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor,
     if plan is None:
         pdl = pdl_on(x_h.device)  # (a module switch: tests and benchmarks that flip it clear _PLANS)
         consts = tc_constexprs(kt, row_stride, depth, codebook, m, bias is not None, groups > 1, ta, prefetch,
-                               pingpong, stages, timeline, pdl, PDL_PREFETCH, x_coalesced, PDL_EARLY)
+                               pingpong, timeline, pdl, PDL_PREFETCH, x_coalesced, PDL_EARLY)
         plan = _PLANS[key] = (consts, *stream_k_plan(
             x_h.device, nt // 8, kt // consts["TA"], per_sm, programs, _RESIDENT,
             (x_h.device, tuple(sorted(consts.items()))), NUM_WARPS,
