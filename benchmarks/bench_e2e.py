@@ -63,8 +63,8 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
             "decode_tok_s": round(decode_tokens / max(end - last_first, 1e-9), 1), "tokens": tokens}
 
 
-SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "0", "TRELLM_SMALL_M": "auto",
-                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "9"}
+SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
+                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "1"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -85,6 +85,10 @@ def set_switch(name: str, value: str) -> None:
         exl3_dispatch.TC_MAX_M = int(value)
     elif name == "TRELLM_TC_XCOAL_M":
         exl3_tc.XCOAL_M = int(value)
+    elif name == "TRELLM_OVERLAP":  # read when a Generator is made (each variant makes its own)
+        from trellm.engine import generator
+
+        generator.OVERLAP = value == "1"
     else:
         raise SystemExit(f"--variants: {name} is not a switch this script can set ({', '.join(SWITCH_DEFAULTS)})")
     exl3_gemv._PLANS.clear()

@@ -45,6 +45,9 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
         monkeypatch.setattr(exl3_tc, name, getattr(exl3_tc, name))
     monkeypatch.setattr(exl3_dispatch, "SMALL_M_KERNEL", exl3_dispatch.SMALL_M_KERNEL)
     monkeypatch.setattr(exl3_dispatch, "TC_MAX_M", exl3_dispatch.TC_MAX_M)
+    from trellm.engine import generator
+
+    monkeypatch.setattr(generator, "OVERLAP", generator.OVERLAP)
     try:
         bench_e2e.set_switch("TRELLM_PDL", "0")
         assert kernels.PDL is False
@@ -57,6 +60,8 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
         assert (exl3_dispatch.SMALL_M_KERNEL, exl3_dispatch.TC_MAX_M) == ("fma", 32)
         bench_e2e.set_switch("TRELLM_TC_XCOAL_M", "65")
         assert exl3_tc.XCOAL_M == 65
+        bench_e2e.set_switch("TRELLM_OVERLAP", "0")
+        assert generator.OVERLAP is False
         with pytest.raises(SystemExit, match="not a switch"):
             bench_e2e.set_switch("TRELLM_NOPE", "1")
     finally:

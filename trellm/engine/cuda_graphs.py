@@ -45,17 +45,23 @@ class DecodeGraphs:
         """The smallest captured batch size that holds n sequences, or None (run eagerly)."""
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]]) -> torch.Tensor:
+    def run(self, tokens: Sequence[int], positions: Sequence[int], pages: Sequence[Sequence[int]],
+            device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One decode token per sequence -> float32 logits [n, vocab]. The result is the graph's output
-        buffer: valid until the next run."""
+        buffer: valid until the next run. device_tokens (int64 [n] on the device, e.g. the tokens the
+        previous step sampled, not yet seen by the host) replaces `tokens`."""
         n = len(tokens)
         b = self.bucket(n)
         assert b is not None, "batch larger than the largest bucket"
         cap = self._graphs.get(b) or self._capture(b)
-        cap.copied.synchronize()  # normally long done: each step's sampling already waited for the GPU
+        # Normally long done: the copy ran before the previous replay of this bucket, which the host
+        # has waited for or (a step queued ahead) which the GPU has at least begun.
+        cap.copied.synchronize()
         cap.staging.copy_(torch.tensor(self._pack(tokens, positions, pages, b), dtype=torch.int64))
         cap.packed.copy_(cap.staging, non_blocking=True)
         cap.copied.record()
+        if device_tokens is not None:
+            cap.packed[:n].copy_(device_tokens)
         cap.graph.replay()
         return cap.logits[:n]
 

@@ -18,6 +18,7 @@ passes run the torch references.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -29,13 +30,16 @@ from trellm.cache.paged import PagedKVCache, Segment
 from trellm.cache.pages import PAGE_SIZE, PagePool
 from trellm.engine.constraints import Constraint, ConstraintCompiler, Matcher
 from trellm.engine.sampling import SamplingParams, sample_batch
-from trellm.engine.scheduler import Request, Scheduler, SchedulerConfig
+from trellm.engine.scheduler import Batch, Request, Scheduler, SchedulerConfig
 from trellm.errors import GenerationError
 from trellm.io.tokenizer import IncrementalDetokenizer, Tokenizer
 from trellm.models.decoder import DecoderModel
 
 CPU_CACHE_TOKENS = 65536  # KV cache of a CPU generator unless told (GPUs size it from free memory)
 GPU_MEMORY_FRACTION = 0.85  # of the free device memory the KV cache takes by default
+# Whether a GPU generator queues each decode pass before reading the previous pass's tokens (Generator's
+# overlap; see iterate). TRELLM_OVERLAP=0 turns it off, for A/B timing.
+OVERLAP = os.environ.get("TRELLM_OVERLAP", "1") == "1"
 
 
 @dataclass(slots=True)
@@ -86,6 +90,26 @@ class _Running:
     returned: int = 0  # tokens returned so far
 
 
+@dataclass(slots=True)
+class _Pass:
+    """A forward pass whose tokens are sampled (or queued to be) but not yet recorded."""
+    batch: Batch
+    samplers: list[int]  # the job of each token
+    tokens: torch.Tensor | None  # int64 [len(samplers)] on the model's device
+    host: torch.Tensor | None  # their copy on the host: complete once `ready` is (None: already)
+    ready: torch.cuda.Event | None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host: chosen [n], top ids / values [n, k]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Queue a copy of a device tensor into pinned host memory (no wait); CPU tensors as they are."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 def first_match(text: str, strings: Sequence[str]) -> int:
     """Where the earliest of `strings` begins in text, or -1."""
     return min((i for i in (text.find(s) for s in strings) if i >= 0), default=-1)
@@ -105,7 +129,7 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 class Generator:
     def __init__(self, model: DecoderModel, *, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
                  cache_tokens: int | None = None, page_size: int = PAGE_SIZE, max_batch_tokens: int = 2048,
-                 max_seqs: int = 64, cuda_graphs: bool = True):
+                 max_seqs: int = 64, cuda_graphs: bool = True, overlap: bool | None = None):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         limit = cfg.max_position_embeddings
@@ -134,6 +158,11 @@ class Generator:
 
             self.graphs = DecodeGraphs(model, self.cache, max_seq_len=self.max_seq_len, max_seqs=max_seqs)
         self._jobs: dict[int, _Running] = {}
+        # Queue decode passes ahead of the host (iterate): by default on a GPU, where the host's work
+        # of a step would otherwise leave the GPU idle; a CPU computes the passes in turn either way.
+        self.overlap = OVERLAP and model.device.type == "cuda" if overlap is None else overlap
+        self._inflight: _Pass | None = None  # a pass queued ahead, recorded by the next iterate
+        self.passes_ahead = 0  # passes queued before the previous pass's tokens were read (overlap)
         self._ids = itertools.count()
         self._compiler: ConstraintCompiler | None = None  # made on the first constrained job
         self.cancelled = 0  # jobs cancelled before they finished
@@ -212,45 +241,69 @@ class Generator:
     @torch.no_grad()
     def iterate(self, lock: AbstractContextManager | None = None) -> list[JobResult]:
         """One forward pass; a result for every job that got a token. With a lock (the asyncio front
-        end's), the scheduler and the jobs are touched only while holding it — before and after the
-        model runs, not during — so jobs can be added or cancelled while a pass computes."""
+        end's), the scheduler and the jobs are touched only while holding it — not while a scheduled
+        pass computes nor while the host waits for sampled tokens — so jobs can be added or cancelled
+        meanwhile.
+
+        With `overlap`, a decode pass is queued on the GPU before the host reads the tokens of the pass
+        before it (their ids go from the sampler's output to the next pass's input on the device), so
+        the host's work of a step — waiting, results, stop conditions, scheduling, the graph launch —
+        runs while the GPU computes. A job that stops on a token (not by length) has then one pass
+        computed after its end, whose token is dropped. Passes with anything the host must see first
+        (new or waiting requests, prompt chunks, grammars, banned strings, penalties that read the
+        history) are scheduled as without overlap."""
         lock = lock if lock is not None else nullcontext()
         with lock:
-            batch = self.scheduler.schedule()
-            if batch is None:
-                return []
-            self.cache.copy_pages(batch.copies)
-            ids, positions, segments, rows, samplers = [], [], [], [], []
-            for chunk in batch.chunks:
-                offset = len(ids)
-                ids += chunk.tokens
-                positions += range(chunk.start, chunk.start + len(chunk.tokens))
-                segments.append(Segment(offset, chunk.start, len(chunk.tokens), chunk.pages))
-                if chunk.samples:
-                    rows.append(len(ids) - 1)
-                    samplers.append(chunk.seq_id)
-        logits = self._forward(ids, positions, segments, rows)  # [len(rows), vocab]
+            done, self._inflight = self._inflight, None
+            if done is None:
+                batch = self.scheduler.schedule()
+                if batch is None:
+                    return []
+                self.cache.copy_pages(batch.copies)
+                ids, positions, segments, rows, samplers = [], [], [], [], []
+                for chunk in batch.chunks:
+                    offset = len(ids)
+                    ids += chunk.tokens
+                    positions += range(chunk.start, chunk.start + len(chunk.tokens))
+                    segments.append(Segment(offset, chunk.start, len(chunk.tokens), chunk.pages))
+                    if chunk.samples:
+                        rows.append(len(ids) - 1)
+                        samplers.append(chunk.seq_id)
+        if done is None:
+            logits = self._forward(ids, positions, segments, rows)  # [len(rows), vocab]
+            with lock:
+                done = self._sample(batch, logits, samplers)
         with lock:
-            return self._finish_pass(batch, logits, samplers)
+            if self.overlap:
+                self._inflight = self._launch_ahead(done)
+        if done.ready is not None:
+            done.ready.synchronize()  # the pass's tokens are on the host
+        with lock:
+            return self._finish_pass(done)
 
-    def _forward(self, ids: list[int], positions: list[int], segments: list[Segment], rows: list[int]) -> torch.Tensor:
+    def _forward(self, ids: list[int], positions: list[int], segments: list[Segment], rows: list[int],
+                 device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the flat batch's rows `rows`: a CUDA-graph replay when every segment is one decode
-        token and a bucket holds them, else an eager pass."""
+        token and a bucket holds them, else an eager pass. device_ids (on the model's device) replaces
+        `ids`."""
         if self.graphs is not None and len(ids) == len(segments) and self.graphs.bucket(len(ids)) is not None:
-            logits = self.graphs.run(ids, positions, [s.pages for s in segments])
+            logits = self.graphs.run(ids, positions, [s.pages for s in segments], device_ids)
             return logits if len(rows) == len(ids) else logits[rows]
         dev = self.model.device
-        return self.model(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev),
+        ids_t = device_ids[None] if device_ids is not None else torch.tensor([ids], device=dev)
+        return self.model(ids_t, torch.tensor([positions], device=dev),
                           self.cache.step(segments), max_seq_len=max(positions) + 1,
                           select=torch.tensor(rows, device=dev, dtype=torch.long))[0]
 
-    def _finish_pass(self, batch, logits: torch.Tensor, samplers: list[int]) -> list[JobResult]:
+    def _sample(self, batch: Batch, logits: torch.Tensor, samplers: list[int], ahead: int = 0) -> _Pass:
+        """Queue the sampling of a pass's logits (one row per job in `samplers`) and the copy of its tokens
+        (and log-probabilities) to the host; nothing waits. ahead = 1 for a pass queued before the
+        previous pass's tokens were recorded (each job has one token more than `generated` holds)."""
         live = [j for j, job_id in enumerate(samplers) if job_id in self._jobs]  # some may be cancelled by now
         if len(live) < len(samplers):
             logits, samplers = logits[live], [samplers[j] for j in live]
         if not samplers:
-            self.scheduler.update(batch, {})
-            return []
+            return _Pass(batch, [], None, None, None, None)
         runs = [self._jobs[job_id] for job_id in samplers]
         if any(r.matcher is not None for r in runs):
             masked = logits.float().clone()  # the raw logits stay for logprobs
@@ -262,21 +315,64 @@ class Generator:
         # min_new_tokens bans the stop tokens; a grammar decides for itself when it may end.
         params = []
         for r in runs:
-            bans = [] if len(r.generated) >= r.job.min_new_tokens or r.matcher else list(r.stop)
-            bans += r.banned_at.get(len(r.generated), ())  # tokens that began a banned string here
+            n = len(r.generated) + ahead
+            bans = [] if n >= r.job.min_new_tokens or r.matcher else list(r.stop)
+            bans += r.banned_at.get(n, ())  # tokens that began a banned string here
             params.append(replace(r.job.sampling, banned_tokens=[*r.job.sampling.banned_tokens, *bans]) if bans
                           else r.job.sampling)
         # Token histories only for the penalties that read them (copying them is O(length) per step).
         contexts = [self.scheduler.tokens(job_id) for job_id in samplers] if any(
             p.uses_history for p in params) else None
         tokens = sample_batch(masked, params, [r.rng for r in runs], contexts, [r.generated for r in runs])
-        sampled = dict(zip(samplers, tokens.tolist()))  # the one host sync of the step
+        logprobs = None
         want = max((r.job.logprobs for r in runs), default=0)
         if want:
             logp = logits.float().log_softmax(-1)
             top = logp.topk(want, dim=-1)
-            chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
-            top_ids, top_lp = top.indices.tolist(), top.values.tolist()
+            logprobs = (_to_host(logp.gather(-1, tokens[:, None])[:, 0]), _to_host(top.indices),
+                        _to_host(top.values))
+        host = _to_host(tokens)
+        ready = None
+        if tokens.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Pass(batch, samplers, tokens, host, ready, logprobs)
+
+    def _launch_ahead(self, done: _Pass) -> _Pass | None:
+        """Queue the decode pass after `done` (scheduler.lookahead) with `done`'s tokens fed on the device,
+        or None where that pass must wait for the host (see iterate)."""
+        if not done.samplers or len(done.samplers) < len(done.batch.chunks):
+            return None  # a chunk without a token (mid-prompt), or a job gone
+        for job_id in done.samplers:
+            r = self._jobs.get(job_id)  # (None: cancelled since it was sampled)
+            if r is None or r.matcher is not None or r.job.banned_strings or r.job.sampling.uses_history:
+                return None
+        planned = self.scheduler.lookahead(done.batch)
+        if planned is None:
+            return None
+        batch, rows = planned
+        dev_ids = done.tokens if len(rows) == len(done.samplers) else done.tokens[
+            torch.tensor(rows, device=done.tokens.device)]
+        chunks = batch.chunks
+        segments = [Segment(j, c.start, 1, c.pages) for j, c in enumerate(chunks)]
+        every = list(range(len(chunks)))
+        logits = self._forward([0] * len(chunks), [c.start for c in chunks], segments, every, dev_ids)
+        self.passes_ahead += 1
+        return self._sample(batch, logits, [c.seq_id for c in chunks], ahead=1)
+
+    def _finish_pass(self, done: _Pass) -> list[JobResult]:
+        """Record a pass whose tokens are on the host: the scheduler's state, then each job's result."""
+        batch = done.batch
+        live = [j for j, job_id in enumerate(done.samplers) if job_id in self._jobs]  # stopped or cancelled since
+        if not live:
+            self.scheduler.update(batch, {})
+            return []
+        tokens = done.host.tolist()
+        samplers = [done.samplers[j] for j in live]
+        runs = [self._jobs[job_id] for job_id in samplers]
+        sampled = {done.samplers[j]: tokens[j] for j in live}
+        if done.logprobs is not None:
+            chosen, top_ids, top_lp = ([c[j] for j in live] for c in (t.tolist() for t in done.logprobs))
         first = {job_id: self.scheduler.cached_tokens(job_id) for job_id, r in zip(samplers, runs) if not r.generated}
         at_limit = set(self.scheduler.update(batch, sampled))
         results = []

@@ -7,6 +7,7 @@ Pure Python (no torch), driven by the generator:
     ... model runs batch.chunks, samples one token for every chunk with `samples` set ...
     sched.update(batch, {seq_id: token, ...})
     sched.finish(seq_id) / sched.cancel(seq_id)   # between steps: stop conditions, departed clients
+    ahead, rows = sched.lookahead(batch)  # optional, before update: the next decode pass, tokens unknown
 
 Every step first gives each decoding sequence its next token, then spends the rest of the
 token budget (`max_batch_tokens`) on prompt chunks: sequences already prefilling first,
@@ -233,6 +234,33 @@ class Scheduler:
                 done.append(chunk.seq_id)
                 self._drop(chunk.seq_id)
         return done
+
+    def lookahead(self, batch: Batch) -> tuple[Batch, list[int]] | None:
+        """The pass after `batch` planned before its tokens are known, so that the generator can queue it
+        on the GPU while it reads them: one decode token for every sequence of `batch` that does not end
+        with it (max_new_tokens), at the position after its chunk. Returns that batch, whose chunks hold a
+        placeholder token 0 (the caller feeds the real ones on the device), and the indices of the chunks
+        of `batch` it continues; or None when the next pass must be scheduled normally: requests waiting,
+        running sequences outside `batch`, a chunk of it that does not sample, page copies pending, or a
+        page missing (a lookahead never preempts). Record `batch` (update) before the lookahead's own
+        pass; a sequence finished or cancelled in between is skipped by that update."""
+        if self._waiting or self._copies or len(self._running) != len(batch.chunks):
+            return None
+        ahead, rows = Batch(), []
+        for j, chunk in enumerate(batch.chunks):
+            seq = self._seqs.get(chunk.seq_id)
+            if seq is None or seq.table is None or not chunk.samples:
+                return None
+            if seq.generated + 1 >= seq.request.max_new_tokens:
+                continue  # its token from `batch` is its last
+            end = chunk.start + len(chunk.tokens)
+            try:
+                self.pool.grow(seq.table, end + 1)
+            except OutOfPages:
+                return None  # (pages already grown stay with their sequences: the next pass needs them)
+            ahead.chunks.append(Chunk(seq.request.seq_id, [0], end, list(seq.table.pages), True))
+            rows.append(j)
+        return (ahead, rows) if ahead.chunks else None
 
     # -- internals -------------------------------------------------------------------------------
 

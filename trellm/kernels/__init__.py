@@ -35,9 +35,10 @@ def pdl_on(device: torch.device) -> bool:
 PDL_PREFETCH = int(os.environ.get("TRELLM_PDL_PREFETCH", "0"))
 if PDL_PREFETCH not in (0, 1, 2, 4):
     raise ValueError(f"TRELLM_PDL_PREFETCH={PDL_PREFETCH}: expected 0, 1, 2 or 4 iterations")
-# A dependent exl3_tc issues its first iteration's word loads before it waits (TRELLM_PDL_EARLY=1; off until
-# timed). exl3_gemv's m = 1 form went to 255 registers with it: TRELLM_PDL_PREFETCH=1 is its counterpart.
-PDL_EARLY = os.environ.get("TRELLM_PDL_EARLY", "0") == "1"
+# A dependent exl3_tc issues its first iteration's word loads before it waits (TRELLM_PDL_EARLY=0 turns it
+# off). Whole 8B model on an H100 with exl3_tc at m = 1 too: 256 -> 276 tok/s at batch 1, 3,559 -> 3,652 at
+# batch 16 (the two changes together; RESULTS.md). exl3_gemv's m = 1 form went to 255 registers with it.
+PDL_EARLY = os.environ.get("TRELLM_PDL_EARLY", "1") == "1"
 
 
 @triton.jit

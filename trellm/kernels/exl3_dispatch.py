@@ -1,7 +1,7 @@
 """Which EXL3 kernel runs a matmul, by device, batch size and format (CPU never gets here).
 
-    m <= 16        had_in + a decode-GEMV: m = 1 exl3_gemv (FMA units), m = 2..16 exl3_tc (tensor cores,
-                   decoded straight into mma registers; sm_80 and newer), by SMALL_M_KERNEL
+    m <= 16        had_in + a decode-GEMV: exl3_tc (tensor cores, decoded straight into mma registers;
+                   sm_80 and newer) or exl3_gemv (FMA units), by SMALL_M_KERNEL
     m = 17..64     had_in + exl3_tc where it runs (TC_MAX_M), else as m > 64
     m > 64         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
@@ -30,14 +30,15 @@ TC_MAX_M = int(os.environ.get("TRELLM_TC_MAX_M", "64"))
 if not SMALL_M <= TC_MAX_M <= 64:
     raise ValueError(f"TRELLM_TC_MAX_M={TC_MAX_M}: expected 16..64")
 SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
-# Which kernel takes m <= SMALL_M: "auto" (m = 1 exl3_gemv, m = 2..16 exl3_tc), "tc" (kernels/exl3_tc.py for
-# every m; sm_80 and newer) or "fma" (kernels/exl3_gemv.py for every m). H100 timings (benchmarks/RESULTS.md,
-# 2026-12-07 third session): at m = 1 the two are within ±5 % shape by shape and their sums over the three
-# Llama shapes tie at K = 4 (59.2 / 59.3 µs), fma leads at K = 2-3, tc at K = 5-6 (-2-3 %); at m = 16
-# tc takes 16-36 µs where fma takes 26-92. The environment variable is for A/B timing of whole models.
-SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "auto")
-if SMALL_M_KERNEL not in ("auto", "tc", "fma"):
-    raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected auto, tc or fma")
+# Which kernel takes m <= SMALL_M: "tc" (kernels/exl3_tc.py for every m; sm_80 and newer), "fma1" (m = 1
+# exl3_gemv, m = 2..16 exl3_tc) or "fma" (kernels/exl3_gemv.py for every m). H100 (benchmarks/RESULTS.md,
+# 2026-12-07 sixth session): at m = 1 exl3_tc takes 21.4 / 22.4 / 11.6 us on the three Llama shapes at K = 4
+# where exl3_gemv takes 23.5 / 24.5 / 11.2; whole 8B model at batch 1 256 -> 276 tok/s with exl3_tc (and its
+# early loads, PDL_EARLY). At m = 16 exl3_tc takes 16-36 us where exl3_gemv takes 26-92. The environment
+# variable is for A/B timing of whole models.
+SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "tc")
+if SMALL_M_KERNEL not in ("tc", "fma1", "fma"):
+    raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected tc, fma1 or fma")
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,7 +56,7 @@ def gemv_small(x_h: torch.Tensor, x_sums: torch.Tensor, trellis: torch.Tensor, s
                group_blocks: tuple[int, ...] = ()) -> torch.Tensor:
     """The m <= small_m_limit product after had_in (see exl3_gemv for the arguments), by SMALL_M_KERNEL."""
     m = x_h.shape[-2]
-    use_tc = SMALL_M_KERNEL == "tc" or (SMALL_M_KERNEL == "auto" and m > 1) or m > SMALL_M
+    use_tc = SMALL_M_KERNEL == "tc" or (SMALL_M_KERNEL == "fma1" and m > 1) or m > SMALL_M
     if use_tc and _has_mma_v2(x_h.device):
         from trellm.kernels.exl3_tc import exl3_gemv_tc  # Gluon: imported only where it runs
 

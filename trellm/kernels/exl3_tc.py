@@ -45,9 +45,9 @@ NUM_WARPS = 4  # the lane layout below gives each of 4 warps one pair of tile co
 # From this many batch rows on, x is loaded by 16-byte loads once per program and moved into the mma operand
 # through shared memory (_tc_span's XCOAL) instead of by every warp in the operand layout. H100, K = 4, the two
 # 4096x14336 shapes (RESULTS.md, 2026-12-07 sixth session): 16 rows 27.3 -> 24.3 and 31.9 -> 27.4 us, 32 rows
-# 53.9 -> 35.5 and 60.3 -> 43.6, 64 rows 95.0 -> 51.2 and 100.2 -> 53.5. TRELLM_TC_XCOAL_M is for A/B timing
-# (65: never).
-XCOAL_M = int(os.environ.get("TRELLM_TC_XCOAL_M", "9"))
+# 53.9 -> 35.5 and 60.3 -> 43.6, 64 rows 95.0 -> 51.2 and 100.2 -> 53.5; 8 rows 23.8 -> 21.8 and 25.8 -> 23.6;
+# 4 rows 22.6 / 26.0 -> 22.7 / 24.7; 1 row the same within 0.5 %. TRELLM_TC_XCOAL_M is for A/B timing (65: never).
+XCOAL_M = int(os.environ.get("TRELLM_TC_XCOAL_M", "2"))
 # The decoded values' dimensions (a, r, w, t1, t0, j0, j1, j2) -> (A's rows: r, w, j2, t1 | its k: a, j1, t0, j0).
 A_PERM = gl.constexpr((1, 2, 7, 3, 0, 6, 4, 5))
 
@@ -355,20 +355,23 @@ def tc_constexprs(kt: int, nt: int, depth: int, codebook: str, m: int, has_bias:
                   x_coalesced: bool | None = None, pdl_early: bool = False) -> dict:
     """The compile-time constants of one launch (also used by the compile tests and sass_report)."""
     bn = tc_bn(m)
+    if x_coalesced is None:
+        x_coalesced = m >= XCOAL_M
     if ta is None:
         # 8 tile rows per iteration: fewer instructions per weight (K = 4, m = 1: 4.77 against 5.44 with 4)
         # and more loads in flight. With three words per tile (K = 5, 6) or two mma columns (m > 8) that
         # takes 124-167 registers (3 programs per SM instead of 5), yet timed faster on an H100 in 33 of
         # 36 shape × K × m cases, the other 3 within 2 % (K = 4, m = 16, 4096→4096: 16.2 against 24.1 µs).
-        # From 32 columns on, the accumulator alone takes BN / 2 registers: 4 rows keep the rest in bounds.
-        ta = 8 if bn <= 16 else 4
+        # From 32 columns on, the accumulator alone takes BN / 2 registers: 4 rows keep the rest in bounds,
+        # except at 32 columns with x through shared memory and K <= 4 (161-164 registers, 3 programs per
+        # SM): K = 4, 4096->14336 32.1 against 35.7 us, 4096^2 21.3 against 29.4 (64 columns with 8 rows
+        # spill: 255 registers).
+        ta = 8 if bn <= 16 or (bn == 32 and x_coalesced and depth <= 64) else 4
     if prefetch is None:
         # Loading iteration i + 1's words before decoding iteration i's (120-161 registers) timed 1-10 %
         # faster at m = 1 and 4 on an H100 and 4-14 % slower at m = 16, where the second mma column
         # already holds as many registers (benchmarks/RESULTS.md, 2026-12-07 third session).
         prefetch = m <= 8
-    if x_coalesced is None:
-        x_coalesced = m >= XCOAL_M
     assert kt % ta == 0 and pdl_prefetch in (0, 1, 2, 4)
     return dict(NT=nt, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], TA=ta, BN=bn,
                 HAS_BIAS=has_bias, C1=MUL1_C1, C2=MUL1_C2, GROUPED=grouped, PREFETCH=prefetch,
