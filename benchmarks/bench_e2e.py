@@ -64,7 +64,7 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
-                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "1"}
+                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0"}
 
 
 def set_switch(name: str, value: str) -> None:

@@ -110,6 +110,55 @@ def test_stop_tokens_seeds_and_finish_reasons(model):
     assert gen.pool.available == gen.pool.num_pages
 
 
+def test_overlapped_passes_give_the_same_results(model):
+    """Decode passes queued before the previous pass's tokens are read (overlap; on a CPU the same logic
+    runs eagerly) give every job the same results as passes in turn: tokens, texts, finish reasons and
+    logprobs, with a stop token hit mid-way (the pass already queued after it is dropped), min_new_tokens,
+    a seeded job, a job with a penalty (no lookahead while it runs), a job cancelled and one arriving
+    mid-stream. Every page comes back."""
+    free = alone(model, [5, 6, 7], 16)
+    stop = free[5]
+    at = free.index(stop)  # the stop token is allowed from this token on: "min_edge" stops there
+
+    def run(overlap: bool):
+        gen = Generator(model, page_size=4, max_batch_tokens=64, cache_tokens=400, overlap=overlap)
+        jobs = [Job([5, 6, 7], max_new_tokens=16, stop_token_ids=[stop], identifier="stop"),
+                Job([5, 6, 7], max_new_tokens=16, min_new_tokens=at, stop_token_ids=[stop], identifier="min_edge"),
+                Job([5, 6, 7], max_new_tokens=16, min_new_tokens=at + 1, stop_token_ids=[stop], identifier="min"),
+                Job([9, 9], max_new_tokens=9, sampling=SamplingParams(temperature=1.3, top_k=40, seed=11),
+                    logprobs=3, identifier="seeded"),
+                Job(list(range(1, 11)), max_new_tokens=13, identifier="length"),
+                Job([3, 1, 4], max_new_tokens=30, identifier="cancelled")]
+        ids = {gen.enqueue(job): job.identifier for job in jobs}
+        got: list[tuple] = []
+        steps = 0
+        while gen.busy:
+            for r in gen.iterate():
+                got.append((ids[r.job_id], r.new_token_ids, r.finished, r.finish_reason, r.logprobs))
+            steps += 1
+            if steps == 6:
+                gen.cancel(next(i for i, name in ids.items() if name == "cancelled"))
+                ids[gen.enqueue(Job([8, 8, 8, 8], max_new_tokens=7, identifier="late"))] = "late"
+            if steps == 14:
+                ids[gen.enqueue(Job([2, 7], max_new_tokens=6, identifier="penalty",
+                                    sampling=SamplingParams(repetition_penalty=1.3)))] = "penalty"
+        assert gen.pool.available == gen.pool.num_pages
+        return sorted(got, key=lambda g: g[0]), gen.passes_ahead
+
+    (plain, none), (overlapped, ahead) = run(False), run(True)
+    assert none == 0 and ahead > 10
+    # Equal but for the log-probabilities' last bits (the passes' batch sizes differ: bf16 matmuls).
+    assert [g[:4] for g in overlapped] == [g[:4] for g in plain]
+    for a, b in zip(overlapped, plain):
+        assert [[t for t, _ in top] for _, top in a[4]] == [[t for t, _ in top] for _, top in b[4]]
+        assert [lp for lp, _ in a[4]] == pytest.approx([lp for lp, _ in b[4]], abs=2e-3)
+    tokens = {}
+    for name, new, *_ in plain:
+        tokens[name] = tokens.get(name, []) + new
+    assert tokens["stop"] == tokens["min_edge"] == free[: at + 1] and len(tokens["min"]) > at + 1
+    assert len(tokens["late"]) == 7 and 0 < len(tokens["cancelled"]) < 30
+
+
 def test_bad_jobs_are_refused_and_do_not_disturb_the_others(model):
     gen = Generator(model, page_size=4, max_seq_len=32)
     good = gen.enqueue(Job([1, 2, 3], max_new_tokens=4))
@@ -250,6 +299,40 @@ def test_gpu_generator_with_kernels_and_cuda_graphs_equals_one_at_a_time(kind, t
     assert gen.pool.available == gen.pool.num_pages
     eager = Generator(model, page_size=16, max_batch_tokens=24, max_seqs=6, cache_tokens=16 * 14, cuda_graphs=False)
     assert eager.generate([Job(p, max_new_tokens=20) for p in prompts]) == out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_gpu_overlapped_passes_feed_tokens_on_the_device(kind, tiny_model_dir):
+    """With overlap on a GPU, decode passes replay their graphs with the previous pass's tokens copied on
+    the device (and the host reads tokens through pinned buffers and events): the same tokens and
+    logprobs as without, jobs stopping and cancelled mid-stream, every page back."""
+    model = load_model(tiny_model_dir(kind)[0], device="cuda", dtype="float32")
+    prompts = random_prompts(4, 7, 30)
+    free = alone(model, prompts[0], 20)
+
+    def run(overlap):
+        gen = Generator(model, page_size=16, max_batch_tokens=256, max_seqs=8, cache_tokens=16 * 40,
+                        overlap=overlap)
+        ids = [gen.enqueue(Job(p, max_new_tokens=20, logprobs=2 if i == 1 else 0,
+                               stop_token_ids=[free[7]] if i == 0 else ())) for i, p in enumerate(prompts)]
+        got = {i: [] for i in ids}
+        lps = []
+        steps = 0
+        while gen.busy:
+            for r in gen.iterate():
+                got[r.job_id] += r.new_token_ids
+                lps += [lp for lp, _ in r.logprobs]
+            steps += 1
+            if steps == 9:
+                gen.cancel(ids[2])
+        assert gen.pool.available == gen.pool.num_pages
+        return [got[i] for i in ids], lps, gen.passes_ahead
+
+    (plain, lp_plain, none), (overlapped, lp_over, ahead) = run(False), run(True)
+    assert none == 0 and ahead > 10
+    assert overlapped == plain and plain[0] == free[: free.index(free[7]) + 1]
+    assert lp_over == pytest.approx(lp_plain, abs=1e-4)
 
 
 @pytest.mark.gpu

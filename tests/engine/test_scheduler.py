@@ -37,6 +37,7 @@ class Model:
         self.ps = pool.page_size
         self.kv: dict[tuple[int, int], tuple[int, ...]] = {}
         self.computed_tokens = 0
+        self.queued_passes = 0  # passes planned by lookahead (step's `queued`)
         self.salt: dict = {}  # per sequence: rewound sequences continue differently (as after a ban)
 
     def run(self, batch, sched: Scheduler) -> dict:
@@ -48,6 +49,10 @@ class Model:
                 if (src, off) in self.kv:
                     self.kv[(dst, off)] = self.kv[(src, off)]
         for chunk in batch.chunks:
+            if chunk.seq_id not in sched._seqs:  # gone while this pass was queued ahead: it runs anyway
+                for i in range(chunk.start, chunk.start + len(chunk.tokens)):
+                    writes[(chunk.pages[i // self.ps], i % self.ps)] = ("stale",)  # never read by anyone
+                continue
             full = sched.tokens(chunk.seq_id)  # the sequence so far, as the scheduler knows it
             end = chunk.start + len(chunk.tokens)
             assert full[chunk.start:end] == chunk.tokens
@@ -68,24 +73,39 @@ class Model:
         return sampled
 
 
-def step(sched: Scheduler, model: Model, outputs: dict) -> None:
-    """One forward pass: schedule, check the limits, run, record the sampled tokens, update."""
-    batch = sched.schedule()
+def step(sched: Scheduler, model: Model, outputs: dict, queued: list | None = None) -> None:
+    """One forward pass: schedule, check the limits, run, record the sampled tokens, update. With a list
+    `queued` (the generator's overlap), the pass is the one planned by lookahead at the previous step if
+    there is one, and the next one is planned by lookahead before this one is recorded."""
+    batch = queued.pop() if queued else None
+    if batch is not None:  # its tokens, known on the device once the pass before was sampled
+        model.queued_passes += 1
+        for chunk in batch.chunks:
+            if chunk.seq_id in sched._seqs:
+                assert len(sched.tokens(chunk.seq_id)) == chunk.start + 1
+                chunk.tokens = [sched.tokens(chunk.seq_id)[chunk.start]]
+    else:
+        batch = sched.schedule()
     assert batch is not None, "work left but nothing scheduled"
     assert batch.num_tokens <= sched.config.max_batch_tokens
     assert len({c.seq_id for c in batch.chunks}) == len(batch.chunks)  # one chunk per sequence
     assert sched.num_running <= sched.config.max_seqs
     sampled = model.run(batch, sched)
+    if queued is not None:
+        planned = sched.lookahead(batch)
+        if planned is not None:
+            assert [batch.chunks[j].seq_id for j in planned[1]] == [c.seq_id for c in planned[0].chunks]
+            queued.append(planned[0])
     for seq_id, tok in sampled.items():
         outputs.setdefault(seq_id, []).append(tok)
     sched.update(batch, sampled)
     sched.pool.check()
 
 
-def drive(sched: Scheduler, model: Model, outputs: dict, max_steps: int = 10_000) -> int:
+def drive(sched: Scheduler, model: Model, outputs: dict, max_steps: int = 10_000, queued: list | None = None) -> int:
     steps = 0
-    while not sched.idle:
-        step(sched, model, outputs)
+    while not sched.idle or queued:
+        step(sched, model, outputs, queued)
         steps += 1
         assert steps < max_steps, "no progress"
     return steps
@@ -171,12 +191,50 @@ def test_finish_and_cancel_release_pages():
     assert pool.available == pool.num_pages
 
 
+def test_lookahead_plans_the_next_decode_pass_only_when_nothing_else_is_due():
+    pool = PagePool(6, page_size=4)
+    sched = Scheduler(SchedulerConfig(max_seq_len=40, max_batch_tokens=64, max_seqs=4), pool)
+    model, outputs = Model(pool), {}
+    sched.add(Request("a", [1, 2, 3], 10))
+    sched.add(Request("b", [4, 5, 6, 7], 2))
+    first = sched.schedule()  # both prompts: each chunk samples
+    model.run(first, sched)
+    ahead, rows = sched.lookahead(first)
+    assert [(c.seq_id, c.start, c.tokens) for c in ahead.chunks] == [("a", 3, [0]), ("b", 4, [0])]
+    assert rows == [0, 1] and len(ahead.chunks[1].pages) == 2  # b's fifth token opens its second page
+    sched.add(Request("c", [9], 3))  # a request waiting: the next pass must be scheduled (it admits c)
+    assert sched.lookahead(first) is None
+    sched.cancel("c")
+    step(sched, model, outputs)  # first + ahead's positions, recorded the plain way
+    batch = sched.schedule()
+    # b's next token is its last (max_new_tokens 2): the lookahead continues a alone
+    ahead, rows = sched.lookahead(batch)
+    assert [c.seq_id for c in ahead.chunks] == ["a"] and rows == [0]
+    # No page for the next token: None, and nobody is preempted
+    pool2 = PagePool(1, page_size=4)
+    sched2 = Scheduler(SchedulerConfig(max_seq_len=4, max_batch_tokens=8, max_seqs=2), pool2)
+    sched2.add(Request("x", [1, 2, 3], 1))
+    assert sched2.lookahead(sched2.schedule()) is None  # (its only token is its last)
+    pool3 = PagePool(3, page_size=2)
+    sched3 = Scheduler(SchedulerConfig(max_seq_len=8, max_batch_tokens=8, max_seqs=2), pool3)
+    sched3.add(Request("y", [1, 2, 3, 4], 2))
+    b3 = sched3.schedule()
+    hog = pool3.open([7, 7], 2)  # someone else holds the last page
+    assert sched3.lookahead(b3) is None and sched3.num_running == 1 and sched3.preemptions == 0
+    pool3.close(hog)
+    assert sched3.lookahead(b3) is not None
+
+
+@pytest.mark.parametrize("ahead", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_randomized_stress(seed):
+def test_randomized_stress(seed, ahead):
     """Random arrivals (prompts sharing stems), random cancels and rewinds (banned strings), a small
     pool: every chunk reads exactly the right KV, every finished answer that was not rewound equals the
-    answer alone, no step exceeds its limits, the pool ends full."""
+    answer alone, no step exceeds its limits, the pool ends full. `ahead`: decode passes planned by
+    lookahead before the previous pass is recorded, as the generator's overlap does (cancels land while
+    such a pass is queued; the generator never looks ahead for a job that may rewind)."""
     rng = random.Random(seed)
+    queued: list | None = [] if ahead else None
     ps = rng.choice([2, 4, 8])
     pool = PagePool(rng.randrange(12, 40), page_size=ps)
     cfg = SchedulerConfig(max_seq_len=rng.randrange(24, 60), max_batch_tokens=rng.randrange(4, 48),
@@ -214,7 +272,8 @@ def test_randomized_stress(seed):
             sched.cancel(victim)
         if outputs and rng.random() < 0.1:  # a banned string: back a few tokens, continue differently
             seq_id = rng.choice(list(outputs))
-            if seq_id in sched._seqs and outputs[seq_id]:
+            if seq_id in sched._seqs and outputs[seq_id] and not any(
+                    c.seq_id == seq_id for b in queued or () for c in b.chunks):
                 n = rng.randrange(1, len(outputs[seq_id]) + 1)
                 ghosts.append(sched.tokens(seq_id))
                 due.append((clock + rng.randrange(2, 7), ghosts[-1]))
@@ -225,9 +284,9 @@ def test_randomized_stress(seed):
 
     for clock in range(300):
         arrive()
-        if not sched.idle:
-            step(sched, model, outputs)
-    drive(sched, model, outputs)
+        if not sched.idle or queued:
+            step(sched, model, outputs, queued)
+    drive(sched, model, outputs, queued=queued)
     for seq_id, r in reqs.items():
         if seq_id in cancelled:
             continue
@@ -235,4 +294,5 @@ def test_randomized_stress(seed):
             assert len(outputs[seq_id]) == r.max_new_tokens
             continue
         assert outputs[seq_id] == alone(r.prompt, r.max_new_tokens), seq_id
-    assert rewound and pool.available == pool.num_pages
+    assert pool.available == pool.num_pages
+    assert (model.queued_passes > 0 and ahead) or (rewound and not ahead)
