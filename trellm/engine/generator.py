@@ -96,14 +96,15 @@ class _Pass:
     batch: Batch
     samplers: list[int]  # the job of each token
     tokens: torch.Tensor | None  # int64 [len(samplers)] on the model's device
-    host: torch.Tensor | None  # their copy on the host: complete once `ready` is (None: already)
+    host: torch.Tensor | None  # their copy on the host, complete once `ready` is; (no event:) or `tokens`
     ready: torch.cuda.Event | None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host: chosen [n], top ids / values [n, k]
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Queue a copy of a device tensor into pinned host memory (no wait); CPU tensors as they are."""
-    if not t.is_cuda:
+def _to_host(t: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """Queue a copy of a device tensor into pinned host memory (no wait); as it is without `pinned` (the
+    caller's .tolist() then waits for it) or on a CPU."""
+    if not (pinned and t.is_cuda):
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
@@ -329,11 +330,11 @@ class Generator:
         if want:
             logp = logits.float().log_softmax(-1)
             top = logp.topk(want, dim=-1)
-            logprobs = (_to_host(logp.gather(-1, tokens[:, None])[:, 0]), _to_host(top.indices),
-                        _to_host(top.values))
-        host = _to_host(tokens)
+            logprobs = tuple(_to_host(t, self.overlap) for t in (logp.gather(-1, tokens[:, None])[:, 0],
+                                                                 top.indices, top.values))
+        host = _to_host(tokens, self.overlap)
         ready = None
-        if tokens.is_cuda:
+        if self.overlap and tokens.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
         return _Pass(batch, samplers, tokens, host, ready, logprobs)
