@@ -352,8 +352,10 @@ class Generator:
         if planned is None:
             return None
         batch, rows = planned
-        dev_ids = done.tokens if len(rows) == len(done.samplers) else done.tokens[
-            torch.tensor(rows, device=done.tokens.device)]
+        dev_ids = done.tokens
+        if len(rows) < len(done.samplers):  # (the index through pinned memory: a pageable copy may wait for the GPU)
+            idx = torch.tensor(rows, dtype=torch.long)
+            dev_ids = dev_ids[(idx.pin_memory() if dev_ids.is_cuda else idx).to(dev_ids.device, non_blocking=True)]
         chunks = batch.chunks
         segments = [Segment(j, c.start, 1, c.pages) for j, c in enumerate(chunks)]
         every = list(range(len(chunks)))
