@@ -89,6 +89,42 @@ def test_kernel_interpreted():
     assert worst < 2e-5, worst
 
 
+ROTATE_SCRIPT = textwrap.dedent("""
+    import torch
+    import trellm.kernels.hadamard as hd
+    from tests.kernels.test_paged_attention import make_case
+    from trellm.kernels.paged_attention import paged_attention
+    from trellm.layers.attention import AttentionParams
+    H, hkv, D = 4, 2, 128
+    q, kc, vc, table, starts, offsets = make_case(5, H, hkv, D, 16, [(30, 1), (0, 1), (70, 1)])
+    params = AttentionParams(scale=D ** -0.5, window=None, softcap=None)
+    g = torch.Generator().manual_seed(1)
+    suh = (torch.randn(2, H * D, generator=g).sign() * (1 + torch.rand(2, H * D, generator=g))).half()
+    out, (xh, xs) = paged_attention(q, kc, vc, table, starts, offsets, params, max_q_len=1, splits=3, rotate=suh)
+    plain = paged_attention(q, kc, vc, table, starts, offsets, params, max_q_len=1, splits=3)
+    hd.HAD_IN = "fwht"
+    fx, fs = hd.had_in(out.reshape(3, H * D), suh)
+    print("SAME", torch.equal(out, plain), torch.equal(fx, xh), torch.equal(fs, xs), tuple(xh.shape), tuple(xs.shape))
+    for splits, heads, dim in ((1, H, D), (3, 8, 64)):
+        try:
+            paged_attention(q.reshape(3, heads, dim), kc.reshape(*kc.shape[:2], hkv * D // dim, dim),
+                            vc.reshape(*vc.shape[:2], hkv * D // dim, dim), table, starts, offsets, params,
+                            max_q_len=1, splits=splits, rotate=suh)
+            print("NO ERROR")
+        except ValueError as e:
+            print("REFUSED", "can_rotate" in str(e))
+""")
+
+
+def test_combine_kernel_applies_the_next_linears_input_transform():
+    """With `rotate` (o_proj's suh, two rows here), the kernel that combines the key splits also writes
+    had_in's output for the attention output: bit-equal to had_in's butterfly form (interpreted), the
+    attention output itself unchanged; shapes it cannot transform (one split, 64-wide heads) refused."""
+    lines = run_interpreted(ROTATE_SCRIPT).splitlines()
+    assert "SAME True True True (2, 3, 512) (2, 3, 4)" in lines
+    assert lines.count("REFUSED True") == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,H,hkv,window,softcap", [(128, 32, 8, None, None), (64, 14, 2, None, None),
                                                     (256, 4, 1, 512, 50.0), (80, 12, 4, None, None)])

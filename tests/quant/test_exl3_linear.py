@@ -203,6 +203,48 @@ def test_input_transform_inside_the_norm_and_act_kernels(config, tmp_path, monke
         assert (a - b).abs().max() <= 3e-2 * b.abs().max(), (a - b).abs().max()
 
 
+@pytest.mark.gpu
+def test_o_proj_transform_inside_the_attention_combine(tmp_path, monkeypatch):
+    """Decoding through the paged kernel with key splits and 128-wide heads, the kernel that combines the
+    splits writes o_proj's had_in output (PagedStep.attend_rotated): no had_in launch is left in a decode
+    step, and the logits match the step with o_proj's transform as its own launch (fp16 noise)."""
+    from trellm.cache.paged import PagedKVCache, Segment
+    from trellm.kernels import hadamard
+    from trellm.models.loader import load_model
+
+    config = dict(TINY, hidden_size=256, intermediate_size=384, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=128)
+    write_random_exl3_model(config, tmp_path / "m", bits=4, head_bits=6, codebook="mul1", seed=5)
+    model = load_model(tmp_path / "m", device="cuda", dtype="bfloat16")
+    assert all(lr.self_attn.o.rotation is not None for lr in model.layers)
+    calls = []
+    original = hadamard.had_in
+    monkeypatch.setattr(hadamard, "had_in", lambda *a: calls.append(1) or original(*a))
+    import trellm.kernels.exl3_dispatch as dispatch
+    monkeypatch.setattr(dispatch, "had_in", hadamard.had_in)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    cache = PagedKVCache(model.config, num_pages=4, page_size=16, device="cuda", dtype=torch.bfloat16)
+    pages = [2, 0, 3]
+    model(ids[:, :39], torch.arange(39, device="cuda")[None], cache.step([Segment(0, 0, 39, pages)]), max_seq_len=39)
+
+    def decode() -> torch.Tensor:
+        step = cache.step([Segment(0, 39, 1, pages)])
+        assert step.splits > 1
+        return model(ids[:, 39:], torch.tensor([[39]], device="cuda"), step, max_seq_len=40).float()
+
+    calls.clear()
+    fused = decode()
+    assert not calls  # the norms, act·mul and now the attention combine write every transform
+    saved = [lr.self_attn.o.rotation for lr in model.layers]
+    for lr in model.layers:
+        lr.self_attn.o.rotation = None
+    plain = decode()
+    assert len(calls) == len(model.layers)  # o_proj's own had_in
+    for lr, r in zip(model.layers, saved):
+        lr.self_attn.o.rotation = r
+    assert (fused - plain).abs().max() <= 3e-2 * plain.abs().max(), (fused - plain).abs().max()
+
+
 @pytest.mark.parametrize("key, codebook", [("k2.5_mul1", "mul1"), ("k4_mcg", "mcg"), ("k3_3inst", "3inst")])
 def test_golden_layers_through_the_quant_method(key, codebook):
     from pathlib import Path

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from trellm.layers.attention import AttentionParams, KVDestination, attention_mask, attention_ref
+from trellm.layers.linear import Rotated
 from trellm.models.config import ModelConfig
 
 
@@ -134,6 +135,21 @@ class PagedStep:
             return paged_attention(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params,
                                    max_q_len=self.max_q_len, splits=self.splits)[None]
         return segment_attention(q, kc, vc, self.segments, params, self._reads, self._masks)
+
+    def attend_rotated(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       params: AttentionParams, rotate: torch.Tensor) -> tuple[torch.Tensor, Rotated | None]:
+        """attend (k and v already stored) and, where the kernel can (kernels/paged_attention.can_rotate),
+        the consuming linears' input transform of the output for their suh `rotate` [G, H·D]:
+        (out, (x' [G, T, H·D], block sums)) or (out, None)."""
+        if self.use_kernel:
+            from trellm.kernels.paged_attention import can_rotate, paged_attention
+
+            if can_rotate(q.shape[2], q.shape[3], self.splits, rotate):
+                kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+                out, rotated = paged_attention(q[0], kc, vc, self.block_table, self.q_start, self.q_offsets, params,
+                                               max_q_len=self.max_q_len, splits=self.splits, rotate=rotate)
+                return out[None], rotated
+        return self.attend(layer_idx, q, k, v, params, kv_stored=True), None
 
 
 def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, segments: Sequence[Segment],

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from trellm.cache.paged import Segment, segment_attention
-from trellm.kernels import sm_count
+from trellm.kernels import grid_release, pdl_on, sm_count
+from trellm.kernels.hadamard import rotate_store, rotation_outputs
 from trellm.layers.attention import AttentionParams
 
 
@@ -131,8 +132,14 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, stats_ptr, out_ptr, T, H, stride_ot, stride_oh,
-                    SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(part_ptr, stats_ptr, out_ptr, suh_ptr, xh_ptr, xs_ptr, T, H, stride_ot, stride_oh,
+                    SPLITS: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ROTATE: tl.constexpr = 0, RELEASE: tl.constexpr = False):
+    """One (row, head): the splits' partial outputs weighed by their softmax statistics. ROTATE (G > 0,
+    D = 128): also the consuming linears' input transform of the head's 128 columns (rotate_store), so
+    o_proj needs no had_in launch; RELEASE lets that dependent GEMV launch at once (kernels.PDL)."""
+    if RELEASE:
+        grid_release()
     row, head = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, S_PAD)
     s_ok = s < SPLITS
@@ -145,8 +152,10 @@ def _combine_kernel(part_ptr, stats_ptr, out_ptr, T, H, stride_ot, stride_oh,
     d = tl.arange(0, BLOCK_D)
     part = tl.load(part_ptr + base[:, None].to(tl.int64) * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
     total = tl.sum(w * den, axis=0)
-    o = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+    o = (tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, o, mask=d < D)
+    if ROTATE > 0:
+        rotate_store(o.to(tl.float32), head * D, row, suh_ptr, xh_ptr, xs_ptr, T, H * D, ROTATE, BLOCK_D)
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -156,11 +165,13 @@ def decode_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     q_start: torch.Tensor, q_offsets: torch.Tensor, params: AttentionParams, *, max_q_len: int,
-                    splits: int = 1, out: torch.Tensor | None = None, tile: tuple[int, int, int] | None = None
-                    ) -> torch.Tensor:
+                    splits: int = 1, out: torch.Tensor | None = None, tile: tuple[int, int, int] | None = None,
+                    rotate: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, tuple]:
     """The Triton kernel behind paged_attention_ref (same arguments; see the module docstring).
     max_q_len (host int) bounds the query rows of any sequence; splits > 1 splits each key range;
     tile = (query rows, keys, warps) per program overrides the default (benchmarks sweep it).
+    rotate (the consuming linears' suh [G, H·D]; needs can_rotate): returns (out, had_in(out, rotate)'s
+    (x', block sums)), the transform done by the kernel that combines the splits.
     No host sync: usable inside a CUDA graph."""
     T, H, D = q.shape
     _, page, hkv, dk = k_cache.shape
@@ -199,7 +210,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HAS_WINDOW=window is not None, HAS_SOFTCAP=params.softcap is not None, IEEE=q.dtype == torch.float32,
         num_warps=warps or (4 if BLOCK_T * G_PAD <= 64 else 8),
     )
+    if rotate is not None:
+        if not can_rotate(H, D, splits, rotate):
+            raise ValueError(f"paged_attention: no input transform for {H} heads of {D} with {splits} splits and "
+                             f"suh {tuple(rotate.shape)} (see can_rotate)")
+        rotated = rotation_outputs(rotate, T)
     if splits > 1:
-        _combine_kernel[(T, H)](part, stats, out, T, H, out.stride(0), out.stride(1), SPLITS=splits,
-                                S_PAD=triton.next_power_of_2(splits), D=D, BLOCK_D=BLOCK_D)
-    return out
+        xh, xs = rotated if rotate is not None else (out, out)
+        _combine_kernel[(T, H)](part, stats, out, rotate if rotate is not None else out, xh, xs, T, H, out.stride(0),
+                                out.stride(1), SPLITS=splits, S_PAD=triton.next_power_of_2(splits), D=D,
+                                BLOCK_D=BLOCK_D, ROTATE=rotate.shape[0] if rotate is not None else 0,
+                                RELEASE=rotate is not None and pdl_on(q.device))
+    return (out, rotated) if rotate is not None else out
+
+
+def can_rotate(heads: int, head_dim: int, splits: int, rotate: torch.Tensor) -> bool:
+    """Whether paged_attention can apply the consuming linears' input transform (suh `rotate` [G, k_pad]):
+    in its combine kernel (splits > 1), one 128-column block per head (head_dim 128), no padding."""
+    return splits > 1 and head_dim == 128 and rotate.dim() == 2 and rotate.shape[1] == heads * head_dim

@@ -142,12 +142,14 @@ class Attention(nn.Module):
         self.o_proj = Linear(num_heads * head_dim, hidden, bias=o_bias, methods=methods, name=f"{prefix}.o_proj")
         self.q_norm = qk_norm
         self.qkv: LinearGroup | None = None  # q/k/v called together (fuse_projections, after loading)
+        self.o: LinearGroup | None = None  # o_proj as a group of one: its input transform (fuse_projections)
         self.k_norm = None if qk_norm is None else RMSNorm(
             head_dim, qk_norm.eps, offset=qk_norm.offset, weight_in_fp32=qk_norm.weight_in_fp32
         )
 
     def fuse_projections(self) -> None:
         self.qkv = LinearGroup([self.q_proj, self.k_proj, self.v_proj])
+        self.o = LinearGroup([self.o_proj])
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: AttentionBackend,
@@ -170,7 +172,13 @@ class Attention(nn.Module):
             q, k = apply_rope_qk(q, k, cos, sin, v=v, store=dest)  # one kernel, the cache writes included
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if dest is not None:
+        rotate = self.o.rotation if self.o is not None else None
+        if dest is not None and rotate is not None and hasattr(backend, "attend_rotated"):
+            # The backend's kernel may hand over o_proj's input transform too (no had_in launch).
+            out, o_rotated = backend.attend_rotated(self.layer_idx, q, k, v, self.params, rotate)
+            if o_rotated is not None:
+                return self.o(out.reshape(b, t, self.num_heads * self.head_dim), o_rotated)[0]
+        elif dest is not None:
             out = backend.attend(self.layer_idx, q, k, v, self.params, kv_stored=True)  # [B, T, H, D]
         else:  # backends without kv_destination need not know the keyword
             out = backend.attend(self.layer_idx, q, k, v, self.params)  # [B, T, H, D]
