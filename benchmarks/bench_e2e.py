@@ -64,7 +64,7 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
-                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0"}
+                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0", "TRELLM_ATTN_ROTATE": "1"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -85,6 +85,10 @@ def set_switch(name: str, value: str) -> None:
         exl3_dispatch.TC_MAX_M = int(value)
     elif name == "TRELLM_TC_XCOAL_M":
         exl3_tc.XCOAL_M = int(value)
+    elif name == "TRELLM_ATTN_ROTATE":  # read at each decode step
+        from trellm.cache import paged
+
+        paged.ATTN_ROTATE = value == "1"
     elif name == "TRELLM_OVERLAP":  # read when a Generator is made (each variant makes its own)
         from trellm.engine import generator
 

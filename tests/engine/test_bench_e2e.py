@@ -48,6 +48,9 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
     from trellm.engine import generator
 
     monkeypatch.setattr(generator, "OVERLAP", generator.OVERLAP)
+    from trellm.cache import paged
+
+    monkeypatch.setattr(paged, "ATTN_ROTATE", paged.ATTN_ROTATE)
     try:
         bench_e2e.set_switch("TRELLM_PDL", "0")
         assert kernels.PDL is False
@@ -62,6 +65,8 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
         assert exl3_tc.XCOAL_M == 65
         bench_e2e.set_switch("TRELLM_OVERLAP", "0")
         assert generator.OVERLAP is False
+        bench_e2e.set_switch("TRELLM_ATTN_ROTATE", "0")
+        assert paged.ATTN_ROTATE is False
         with pytest.raises(SystemExit, match="not a switch"):
             bench_e2e.set_switch("TRELLM_NOPE", "1")
     finally:

@@ -16,6 +16,7 @@ them: `kv_destination`) and attends over every sequence's prefix: the Triton ker
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ import torch
 from trellm.layers.attention import AttentionParams, KVDestination, attention_mask, attention_ref
 from trellm.layers.linear import Rotated
 from trellm.models.config import ModelConfig
+
+# Whether decode steps with key splits hand o_proj its input transform from the attention kernel
+# (attend_rotated); TRELLM_ATTN_ROTATE=0 leaves it to o_proj's own had_in launch, for A/B timing.
+ATTN_ROTATE = os.environ.get("TRELLM_ATTN_ROTATE", "1") == "1"
 
 
 @dataclass(slots=True)
@@ -141,7 +146,7 @@ class PagedStep:
         """attend (k and v already stored) and, where the kernel can (kernels/paged_attention.can_rotate),
         the consuming linears' input transform of the output for their suh `rotate` [G, H·D]:
         (out, (x' [G, T, H·D], block sums)) or (out, None)."""
-        if self.use_kernel:
+        if self.use_kernel and ATTN_ROTATE:
             from trellm.kernels.paged_attention import can_rotate, paged_attention
 
             if can_rotate(q.shape[2], q.shape[3], self.splits, rotate):
