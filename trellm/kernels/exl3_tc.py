@@ -74,7 +74,7 @@ def _tc_span(x_ptr, tr_ptr, stride_xm, M, row0, n_iter, col_tile, NT: gl.constex
 
     x rows reach the mma either loaded straight in its B-operand layout (every warp loads the whole
     [16·TA, BN] tile, 32 bits per load) or, XCOAL, loaded once per program with 16-byte loads along k and
-    moved into the operand layout through shared memory (a variant for the wide tiles of 17-64 rows).
+    moved into the operand layout through shared memory (the default from XCOAL_M rows).
 
     EARLY (a dependent launch): the wait for the kernel that wrote x' (grid_wait) sits between
     the first iteration's word loads and its x loads, so the words are in flight while that kernel ends."""
