@@ -4,11 +4,12 @@ sampling, the host sync, results) — their difference is the host's share — a
 breakdown of one eager step (torch.profiler, GPU time by kernel name).
 
     python benchmarks/profile_decode.py --out /tmp/l3-exl3 [--batches 1,4,16] [--ctx 256] [--host 15 [--trace F]]
-        [--split]
+        [--split] [--prefill 4096]
 
 --split times the phases of 20 generator steps on the host clock (no profiler): scheduling, packing the
 inputs, the graph launch call, sampling's launches, the wait for the tokens, the rest; and the graph launch
-call alone on an idle GPU.
+call alone on an idle GPU. --prefill N also times one N-token prompt's pass through the generator and lists
+its kernels (GPU time by name).
 
 The model folder is written by bench_e2e.py (same presets) when missing.
 """
@@ -42,6 +43,7 @@ def main() -> None:
                     "in three generator steps (where the host share goes)")
     ap.add_argument("--trace", help="with --host: write those steps as a Chrome trace to TRACE.bB.json")
     ap.add_argument("--split", action="store_true", help="also time the phases of a generator step (host clock)")
+    ap.add_argument("--prefill", type=int, default=0, help="also profile one prompt of this many tokens")
     args = ap.parse_args()
     out = Path(args.out)
     if not (out / "config.json").is_file():
@@ -49,7 +51,8 @@ def main() -> None:
                                 shard_bytes=4 * 2**30)
     model = load_model(out, device="cuda", dtype="bfloat16")
     batches = [int(b) for b in args.batches.split(",")]
-    gen = Generator(model, max_seqs=max(batches), cache_tokens=max(batches) * 2 * (args.ctx + 256))
+    tokens = max(max(batches) * 2 * (args.ctx + 256), 2 * args.prefill)
+    gen = Generator(model, max_seqs=max(batches), cache_tokens=tokens, max_batch_tokens=max(2048, args.prefill))
     ps = gen.cache.page_size
     need = -(-(args.ctx + 1) // ps)
     for b in batches:
@@ -110,8 +113,34 @@ def main() -> None:
         print(f"\n== batch {b}: graph replay {replay_ms:.3f} ms/step, Generator.iterate {iterate_ms:.3f} ms/step "
               f"({b / iterate_ms * 1000:.0f} tok/s; host share {iterate_ms - replay_ms:.3f} ms); eager kernels "
               f"{count}, sum of kernel time {total / 1000:.3f} ms")
-        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
-            print(f"{us:9.1f} µs {n:5d}x {us / n:7.2f} µs  {name}")
+        print_kernels(by_name, args.top)
+    if args.prefill:
+        prompt = [10 + i % 1000 for i in range(args.prefill)]
+        for _ in range(2):  # compile this prompt length's kernels
+            gen.generate([Job(prompt, max_new_tokens=1)])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gen.generate([Job(prompt, max_new_tokens=1)])
+        torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            gen.generate([Job(prompt, max_new_tokens=1)])
+            torch.cuda.synchronize()
+        by_name = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by_name[e.name[:60]][0] += e.device_time
+                by_name[e.name[:60]][1] += 1
+        total = sum(v[0] for v in by_name.values())
+        print(f"\n== prefill {args.prefill} tokens: {took * 1000:.1f} ms ({args.prefill / took:.0f} tok/s); "
+              f"sum of kernel time {total / 1000:.1f} ms")
+        print_kernels(by_name, args.top)
+
+
+def print_kernels(by_name: dict[str, list[float]], top: int) -> None:
+    """The `top` kernels by GPU time: total, count, mean."""
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{us:9.1f} µs {n:5d}x {us / n:7.2f} µs  {name}")
 
 
 @contextlib.contextmanager

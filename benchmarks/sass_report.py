@@ -67,7 +67,8 @@ def main() -> None:
 
         consts = exl3_tc.tc_constexprs(256, 896, 16 * args.bits, ("mul1", "mcg", "3inst")[args.codebook], args.m,
                                        False, False, ta=args.ta, pdl=args.pdl >= 0, pdl_prefetch=max(0, args.pdl),
-                                       x_coalesced={"auto": None, "1": True, "0": False}[args.xcoal], pdl_early=args.early)
+                                       x_coalesced={"auto": None, "1": True, "0": False}[args.xcoal],
+                                       pdl_early=args.early)
         kernel = exl3_tc.compile_for_sm90(consts)
         args.ta = consts["TA"]
         args.warps = exl3_tc.NUM_WARPS
