@@ -100,14 +100,7 @@ def main() -> None:
                              gen.cache.step(segs), max_seq_len=args.ctx + 1)
         step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                by_name[e.name[:60]][0] += e.device_time
-                by_name[e.name[:60]][1] += 1
+        by_name = kernels_by_name(step)
         total = sum(v[0] for v in by_name.values())
         count = sum(v[1] for v in by_name.values())
         print(f"\n== batch {b}: graph replay {replay_ms:.3f} ms/step, Generator.iterate {iterate_ms:.3f} ms/step "
@@ -123,18 +116,24 @@ def main() -> None:
         gen.generate([Job(prompt, max_new_tokens=1)])
         torch.cuda.synchronize()
         took = time.perf_counter() - t0
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            gen.generate([Job(prompt, max_new_tokens=1)])
-            torch.cuda.synchronize()
-        by_name = defaultdict(lambda: [0.0, 0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                by_name[e.name[:60]][0] += e.device_time
-                by_name[e.name[:60]][1] += 1
+        by_name = kernels_by_name(lambda: gen.generate([Job(prompt, max_new_tokens=1)]))
         total = sum(v[0] for v in by_name.values())
         print(f"\n== prefill {args.prefill} tokens: {took * 1000:.1f} ms ({args.prefill / took:.0f} tok/s); "
               f"sum of kernel time {total / 1000:.1f} ms")
         print_kernels(by_name, args.top)
+
+
+def kernels_by_name(work) -> dict[str, list[float]]:
+    """GPU time (µs) and launch count per kernel name (first 60 characters) of one call of work()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        work()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name[:60]][0] += e.device_time
+            by_name[e.name[:60]][1] += 1
+    return by_name
 
 
 def print_kernels(by_name: dict[str, list[float]], top: int) -> None:
@@ -174,10 +173,13 @@ def split_phases(gen: Generator, graph: torch.cuda.CUDAGraph, steps: int) -> Non
                                    (gen.graphs, "_pack", "pack inputs"),
                                    (torch.cuda.CUDAGraph, "replay", "graph launch call"),
                                    (generator_module, "sample_batch", "sample_batch launches"),
-                                   (torch.Tensor, "tolist", "tolist (waits for the GPU)"),
+                                   (torch.Tensor, "tolist", "tolist (without overlap: waits for the GPU)"),
+                                   (torch.cuda.Event, "synchronize", "event wait (overlap: waits for the GPU)"),
                                    (gen.scheduler, "update", "scheduler.update"),
                                    (gen, "_forward", "_forward (pack + copy + launch)"),
-                                   (gen, "_finish_pass", "_finish_pass (sample, wait, results)"),
+                                   (gen, "_sample", "_sample (sampling, copies to the host)"),
+                                   (gen, "_launch_ahead", "_launch_ahead (lookahead + forward + sample)"),
+                                   (gen, "_finish_pass", "_finish_pass (results)"),
                                    (gen, "iterate", "iterate")]:
             stack.enter_context(_timing(phases, owner, name, label))
         for _ in range(steps):

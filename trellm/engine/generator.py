@@ -159,8 +159,8 @@ class Generator:
 
             self.graphs = DecodeGraphs(model, self.cache, max_seq_len=self.max_seq_len, max_seqs=max_seqs)
         self._jobs: dict[int, _Running] = {}
-        # Queue decode passes ahead of the host (iterate): by default on a GPU, where the host's work
-        # of a step would otherwise leave the GPU idle; a CPU computes the passes in turn either way.
+        # Queue decode passes ahead of the host (iterate): by default on a GPU where OVERLAP says so (the
+        # host's work of a step otherwise leaves the GPU idle); a CPU computes the passes in turn either way.
         self.overlap = OVERLAP and model.device.type == "cuda" if overlap is None else overlap
         self._inflight: _Pass | None = None  # a pass queued ahead, recorded by the next iterate
         self.passes_ahead = 0  # passes queued before the previous pass's tokens were read (overlap)

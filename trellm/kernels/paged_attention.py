@@ -210,18 +210,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         HAS_WINDOW=window is not None, HAS_SOFTCAP=params.softcap is not None, IEEE=q.dtype == torch.float32,
         num_warps=warps or (4 if BLOCK_T * G_PAD <= 64 else 8),
     )
-    if rotate is not None:
-        if not can_rotate(H, D, splits, rotate):
-            raise ValueError(f"paged_attention: no input transform for {H} heads of {D} with {splits} splits and "
-                             f"suh {tuple(rotate.shape)} (see can_rotate)")
-        rotated = rotation_outputs(rotate, T)
+    if rotate is None:
+        suh, rotated, groups = out, (out, out), 0  # (unused pointers)
+    elif can_rotate(H, D, splits, rotate):
+        suh, rotated, groups = rotate, rotation_outputs(rotate, T), rotate.shape[0]
+    else:
+        raise ValueError(f"paged_attention: no input transform for {H} heads of {D} with {splits} splits and "
+                         f"suh {tuple(rotate.shape)} (see can_rotate)")
     if splits > 1:
-        xh, xs = rotated if rotate is not None else (out, out)
-        _combine_kernel[(T, H)](part, stats, out, rotate if rotate is not None else out, xh, xs, T, H, out.stride(0),
-                                out.stride(1), SPLITS=splits, S_PAD=triton.next_power_of_2(splits), D=D,
-                                BLOCK_D=BLOCK_D, ROTATE=rotate.shape[0] if rotate is not None else 0,
-                                RELEASE=rotate is not None and pdl_on(q.device))
-    return (out, rotated) if rotate is not None else out
+        _combine_kernel[(T, H)](part, stats, out, suh, *rotated, T, H, out.stride(0), out.stride(1), SPLITS=splits,
+                                S_PAD=triton.next_power_of_2(splits), D=D, BLOCK_D=BLOCK_D, ROTATE=groups,
+                                RELEASE=groups > 0 and pdl_on(q.device))
+    return (out, rotated) if groups else out
 
 
 def can_rotate(heads: int, head_dim: int, splits: int, rotate: torch.Tensor) -> bool:
