@@ -8,7 +8,9 @@ normal loader.
 
 Per batch size B: B jobs with 128-token prompts and 256 new tokens each; decode tokens/s = B·(new - 1) over
 the time from the last job's first token to the end; time to first token = until every job has one. Then
-one 4096-token prompt for prefill tokens/s. Prints a table and one JSON object.
+three 4096-token prompts (distinct, none served from the prefix cache) for prefill tokens/s, the median.
+At batch 1 on a GPU also the bytes a decode step reads against the card's measured read bandwidth (a
+4 GiB sum) and its datasheet's. Prints a table and one JSON object.
 
 --variants A/B-times the kernel switches (environment variables the kernels read at import; `base` = as
 started) in one process: the model loads once, each variant gets a fresh generator (plans, compiled
@@ -61,6 +63,59 @@ def run_batch(gen: Generator, batch: int, prompt_len: int, new: int, vocab: int,
     decode_tokens = tokens - batch
     return {"batch": batch, "ttft_s": round(last_first - t0, 4),
             "decode_tok_s": round(decode_tokens / max(end - last_first, 1e-9), 1), "tokens": tokens}
+
+
+def measure_prefill(gen: Generator, length: int, vocab: int, rounds: int, seed: int) -> float:
+    """Median tokens/s of `rounds` one-token jobs with distinct random prompts of `length` tokens, each
+    checked to reuse nothing from the prefix cache (a repeated prompt would be served from it)."""
+    g = torch.Generator().manual_seed(seed)
+    speeds = []
+    for _ in range(rounds):
+        job = Job(torch.randint(10, vocab, (length,), generator=g).tolist(), max_new_tokens=1)
+        t0 = time.perf_counter()
+        gen.enqueue(job)
+        results = list(gen.stream())
+        speeds.append(length / (time.perf_counter() - t0))
+        cached = results[0].cached_tokens
+        assert not cached, f"the prefill prompt reused {cached} cached tokens"
+    return sorted(speeds)[len(speeds) // 2]
+
+
+# Datasheet memory bandwidth, TB/s, by a substring of torch.cuda.get_device_name().
+DATASHEET_TB_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "H100 NVL": 3.9}
+
+
+def read_bandwidth(gib: int = 4, reps: int = 10) -> float:
+    """This card's read bandwidth in TB/s: the median time of summing a `gib` GiB bf16 tensor (far beyond L2)."""
+    t = torch.ones(gib * 2**29, dtype=torch.bfloat16, device="cuda")
+    times = []
+    for _ in range(reps + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t.sum(dtype=torch.float32)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del t
+    return gib * 2**30 / sorted(times[2:])[reps // 2] / 1e12
+
+
+def bandwidth_report(model, row: dict) -> dict:
+    """What a batch-1 decode step reads (every tensor of the model on the GPU once, except the embedding
+    table, of which it reads one row — a tied head holds the same storage and counts it) against the measured
+    and datasheet bandwidth. The KV cache read (a few hundred tokens) is left out: < 0.1 % here."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is None or t.device.type != "cuda" or t.data_ptr() in seen or name.endswith("embed_weight"):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    per_s = total * row["decode_tok_s"]
+    measured = read_bandwidth()
+    name = torch.cuda.get_device_name()
+    sheet = next((v for k, v in DATASHEET_TB_S.items() if k in name), None)
+    return {"GB_per_token": total / 1e9, "TB_s": per_s / 1e12, "read_TB_s": measured,
+            "of_measured_read": per_s / 1e12 / measured, "of_datasheet": per_s / 1e12 / sheet if sheet else None}
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
@@ -163,21 +218,25 @@ def main() -> None:
     gen.warmup()
     for b in batches:
         run_batch(gen, b, args.prompt, 3, cfg["vocab_size"], 0)
-    gen.generate([Job(list(range(10, 10 + args.prefill)), max_new_tokens=1)])
+    measure_prefill(gen, args.prefill, cfg["vocab_size"], rounds=1, seed=999)
     rows = [run_batch(gen, b, args.prompt, args.new, cfg["vocab_size"], b) for b in batches]
-    t0 = time.perf_counter()
-    gen.generate([Job(list(range(10, 10 + args.prefill)), max_new_tokens=1)])
-    prefill = args.prefill / (time.perf_counter() - t0)
+    prefill = measure_prefill(gen, args.prefill, cfg["vocab_size"], rounds=3, seed=1000)
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "preset": args.preset,
               "format": args.format, "bits": args.bits if args.format == "exl3" else 16, "rows": rows,
               "prefill_tok_s": round(prefill, 1),
+              "bandwidth": bandwidth_report(model, rows[0]) if args.device != "cpu" and batches[0] == 1 else None,
               "weights_GB": round(weights_gb, 2) if weights_gb is not None else None,
               "kv_cache_tokens": gen.pool.num_pages * gen.pool.page_size,
               "gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device != "cpu" else None}
     print(f"{'batch':>6} {'TTFT s':>8} {'decode tok/s':>13}")
     for r in rows:
         print(f"{r['batch']:>6} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f}")
-    print(f"prefill {args.prefill} tokens: {prefill:.0f} tok/s")
+    print(f"prefill {args.prefill} tokens: {prefill:.0f} tok/s (median of 3 distinct prompts)")
+    if result["bandwidth"]:
+        bw = result["bandwidth"]
+        sheet = f", {bw['of_datasheet']:.1%} of its datasheet's" if bw["of_datasheet"] else ""
+        print(f"batch 1 reads {bw['GB_per_token']:.2f} GB per token: {bw['TB_s']:.2f} TB/s = {bw['of_measured_read']:.1%}"
+              f" of this card's measured read bandwidth ({bw['read_TB_s']:.2f} TB/s){sheet}")
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
