@@ -34,11 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "floor(bpw)-1 to ceil(bpw)+2 where it removes the most predicted KL per bit, also at "
                         "integer bpw (default; 3-18 %% lower KL than heuristic on SmolLM2 and Qwen2.5-0.5B); "
                         "heuristic = floor(bpw) everywhere, the rest to attention and the first / last layers")
-    p.add_argument("--drift", action="store_true",
-                   help="also run the calibration text through the original model and quantize each linear toward "
-                        "the original model's output there, so that each linear corrects, where a linear map "
-                        "can, the error the quantized layers before it left in its input (one more copy of the "
-                        "calibration states in memory and in the checkpoint, one more forward pass per layer)")
     p.add_argument("--calibration", help="text file to calibrate on (default: text the model generates itself, "
                                          "plus random-token rows)")
     p.add_argument("--rows", type=int, default=250, help="calibration rows (default 250)")
@@ -124,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     job = ConvertArgs(input=args.input, output=args.output, workdir=args.workdir, bpw=args.bpw,
                       head_bits=args.head_bits, codebook=args.codebook, calibration=args.calibration,
                       rows=args.rows, cols=args.cols, seed=args.seed, tf32=args.tf32,
-                      channel_scales=args.channel_scales, allocation=args.allocation, drift=args.drift)
+                      channel_scales=args.channel_scales, allocation=args.allocation)
     with _Display() as display:
         out = convert(job, resume=args.resume, force=args.force_resume, device=args.device, batch=args.batch,
                       progress=display, checkpoint_interval=args.checkpoint_interval)

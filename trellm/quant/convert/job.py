@@ -55,7 +55,6 @@ from trellm.quant.exl3_writer import WRITER_VERSION, linear_tensors
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("heuristic", "measured")
-DRIFT_DAMPING = 0.01  # λ of _Hessian.target, relative to the mean diagonal of H
 JOB_VERSION = 2  # 2: TF32 calibration passes, wider global-scale search (layers differ from version 1's)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "chat_template.jinja", "chat_template.json")
@@ -81,10 +80,6 @@ class ConvertArgs:
     tf32: bool = True  # calibration forwards and Hessians on TF32 tensor cores (GPU)
     channel_scales: str = "both"  # quantize.channel_scales
     allocation: str = "measured"  # bits.allocate_measured, or bits.allocate_bits ("heuristic")
-    # Quantize each linear toward the ORIGINAL model's output on the original model's own states (kept as a
-    # second calibration stream) instead of the original weights' output on the quantized model's states:
-    # the error the layers before it left in its input is compensated where a linear map can (_Hessian.target).
-    drift: bool = False
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.bpw) <= 8.0:
@@ -111,8 +106,6 @@ class ConvertArgs:
             del d["channel_scales"]  # the only choice before the option existed: older jobs still resume
         if d["allocation"] == "heuristic":
             del d["allocation"]  # the only choice before the option existed: older jobs resume with it
-        if not d["drift"]:
-            del d["drift"]  # likewise
         if self.calibration:
             d["calibration_sha256"] = hashlib.sha256(Path(self.calibration).read_bytes()).hexdigest()
         return d
@@ -237,23 +230,18 @@ def _matmul_tf32(enabled: bool) -> Iterator[None]:
 
 def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: int,
                    hooks: dict[str, Callable[[torch.Tensor], None]] | None = None,
-                   into: torch.Tensor | None = None, original: tuple[torch.Tensor, dict[str, Callable]] | None = None
-                   ) -> tuple[torch.Tensor, float | None]:
+                   into: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
     """Run calibration states [R, C, hidden] through layer idx (in row batches); hooks see each linear's input.
 
     Returns (outputs, None), or with `into` = an earlier pass's outputs: those are compared with this pass's
     and overwritten by them, returning (into, relative Frobenius error). Writing over the reference keeps
-    two state-sized buffers alive instead of three (8.4 GB each for an 8B model's 250 × 2048 rows).
-    `original` = (the original model's states, their hooks): each row batch of those goes through the layer
-    just before the same rows of `states` (so a hook pair sees one batch's inputs on both streams) and is
-    overwritten by its output."""
+    two state-sized buffers alive instead of three (8.4 GB each for an 8B model's 250 × 2048 rows)."""
     layer = model.layers[idx]
     handles = []
-    phase = {"hooks": hooks or {}}  # which stream's hooks the pass running now calls
     for lin in _layer_linears(layer):
-        if lin.name in phase["hooks"] or (original and lin.name in original[1]):
-            handles.append(lin.register_forward_pre_hook(
-                lambda mod, args, name=lin.name: phase["hooks"][name](args[0]) if name in phase["hooks"] else None))
+        if hooks and lin.name in hooks:
+            fn = hooks[lin.name]
+            handles.append(lin.register_forward_pre_hook(lambda mod, args, fn=fn: fn(args[0])))
     rows, cols, _ = states.shape
     out = torch.empty_like(states) if into is None else into
     positions = torch.arange(cols, device=states.device)[None]
@@ -267,13 +255,6 @@ def _layer_forward(model: DecoderModel, idx: int, states: torch.Tensor, batch: i
                 cache = ContiguousKVCache(model.config, batch_size=h.shape[0], max_len=cols, device=h.device,
                                           dtype=h.dtype)
                 cos, sin = rotary.cos_sin(positions.expand(h.shape[0], -1), cols, h.dtype)
-                if original is not None:
-                    phase["hooks"] = original[1]
-                    h0 = original[0][r0 : r0 + batch]
-                    h0.copy_(layer(h0, cos, sin, cache.step(cols)))
-                    cache = ContiguousKVCache(model.config, batch_size=h.shape[0], max_len=cols, device=h.device,
-                                              dtype=h.dtype)
-                    phase["hooks"] = hooks or {}
                 y = layer(h, cos, sin, cache.step(cols))
                 if into is not None:
                     ref = into[r0 : r0 + batch]
@@ -323,46 +304,19 @@ def _sensitivities(model: DecoderModel, ids: torch.Tensor, args: ConvertArgs, ba
 
 
 class _Hessian:
-    """Σ xᵀx over all tokens (float64), then the mean: the input statistics LDLQ weighs errors by.
+    """Σ xᵀx over all tokens (float64), then the mean: the input statistics LDLQ weighs errors by."""
 
-    With drift (ConvertArgs.drift) also Σ xᵀx₀, x₀ being the same token's input in the original model:
-    add_original(x₀) holds a batch until add(x) of the same rows."""
-
-    def __init__(self, k: int, device: torch.device, drift: bool = False):
+    def __init__(self, k: int, device: torch.device):
         self.sum = torch.zeros(k, k, dtype=torch.float64, device=device)
-        self.cross = torch.zeros_like(self.sum) if drift else None
-        self.held: torch.Tensor | None = None
         self.count = 0
-
-    def add_original(self, x0: torch.Tensor) -> None:
-        self.held = x0.reshape(-1, x0.shape[-1]).float()
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.sum += (x.T @ x).double()
-        if self.cross is not None:
-            assert self.held is not None and self.held.shape == x.shape, "add_original must precede add"
-            self.cross += (x.T @ self.held).double()
-            self.held = None
         self.count += x.shape[0]
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
-
-    def target(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight [n, k] to quantize against mean() (ConvertArgs.drift): Σ‖W·x₀ − Q·x‖² over the tokens
-        is ‖(Q − W*)·x‖² (summed) + a constant, with W* = W·C·H⁻¹ (H = Σ x·xᵀ, C = Σ x₀·xᵀ), so LDLQ's
-        own objective, quantizing W* instead of W, minimises the distance to the original model's output.
-        Written W* = W + W·(C − H)·(H + λ)⁻¹ with a small damping λ, which keeps W* = W exactly when both
-        streams are equal (the first layer) and bounds the correction where H is nearly singular."""
-        if self.cross is None:
-            return weight
-        h, c = self.mean(), self.cross / max(self.count, 1)
-        damp = DRIFT_DAMPING * torch.diagonal(h).mean().clamp_min(1e-12)
-        k = h.shape[0]
-        correction = torch.linalg.solve(h + damp * torch.eye(k, dtype=h.dtype, device=h.device), c - h)
-        w = weight.double()
-        return (w + w @ correction.T).to(weight.dtype)
 
 
 def _holding_dtype(raw_config: dict[str, Any], device: str | None) -> str:
@@ -452,15 +406,11 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     states_file = work / "states.safetensors"
     done = int(state["finished"])
     if done:
-        saved_states = load_file(str(states_file))
-        states = saved_states["states"].to(dev)
-        original = saved_states["original"].to(dev) if args.drift else None
-        del saved_states
+        states = load_file(str(states_file))["states"].to(dev)
         log.info("resuming after layer %d of %d", done, cfg.num_layers)
     else:
         with torch.no_grad():
             states = model.embed(ids.to(dev), dtype=torch.float32)  # [R, C, hidden]
-        original = states.clone() if args.drift else None  # the original model's states (drift)
     if progress:
         progress({"layer": "setup", "num_layers": cfg.num_layers, "resumed_after": done,
                   "stages": {"load": round(t_loaded - t_start, 2), "calibration": round(t_calibrated - t_loaded, 2),
@@ -473,18 +423,13 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     last_wait = 0.0  # seconds the previous checkpoint held the loop up (waiting for the one before + copies)
     last_checkpoint = time.perf_counter()
     # The job after its last finished layer, replaced in one assignment so that Ctrl-C never sees half of
-    # it: (job state, the states that layer output (and the original model's, with drift), finished layers'
-    # tensors not yet on disk).
-    def stream_tensors(q: torch.Tensor, o: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return {"states": q} | ({"original": o} if o is not None else {})
-
-    finished: tuple[dict[str, Any], dict[str, torch.Tensor], dict[Path, dict[str, torch.Tensor]]] = (
-        state, stream_tensors(states, original), {})
+    # it: (job state, the states that layer output, finished layers' tensors not yet on disk).
+    finished: tuple[dict[str, Any], torch.Tensor, dict[Path, dict[str, torch.Tensor]]] = (state, states, {})
 
     def save() -> None:
         nonlocal finished, last_checkpoint
         job_state, out_states, unsaved = finished
-        checkpoint.write(unsaved | {states_file: out_states}, job_state, job_file)
+        checkpoint.write(unsaved | {states_file: {"states": out_states}}, job_state, job_file)
         finished, last_checkpoint = (job_state, out_states, {}), time.perf_counter()
 
     try:
@@ -501,23 +446,16 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                        "up_proj": "gate_up"}.get(leaf, leaf)
                 shared[lin.name] = key
                 if key not in hessians:
-                    hessians[key] = _Hessian(lin.in_features, dev, drift=args.drift)
+                    hessians[key] = _Hessian(lin.in_features, dev)
                     hooks[lin.name] = hessians[key].add
             layer.float()  # the model waits in its 16-bit dtype (an 8B model in float32 takes 32 GB)
-            if original is not None:
-                # A new tensor for the original model's next states: the finished tuple may still hold the
-                # previous one for a checkpoint.
-                original = original.clone()
-                twin = (original, {name: hessians[shared[name]].add_original for name in hooks})
             with _matmul_tf32(args.tf32):
-                reference, _ = _layer_forward(model, idx, states, batch, hooks,
-                                              original=twin if original is not None else None)
+                reference, _ = _layer_forward(model, idx, states, batch, hooks)
             t1 = time.perf_counter()
             tensors: dict[str, torch.Tensor] = {}
             proxies = {}
-            jobs = [LinearJob(hessians[shared[lin.name]].target(lin.impl.dense_weight()),
-                              hessians[shared[lin.name]].mean(), bits[lin.name], _seed(args.seed, idx, j))
-                    for j, lin in enumerate(linears)]
+            jobs = [LinearJob(lin.impl.dense_weight(), hessians[shared[lin.name]].mean(), bits[lin.name],
+                              _seed(args.seed, idx, j)) for j, lin in enumerate(linears)]
             quantized = quantize_linears(jobs, codebook=args.codebook, channel_scales=args.channel_scales)
             for lin, q in zip(linears, quantized):
                 proxies[lin.name.rsplit(".", 1)[1]] = q.proxy_error
@@ -533,8 +471,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
                                 "forward": round(t3 - t2, 2), "checkpoint_wait": round(last_wait, 2)}}
             state = {**state, "finished": idx + 1,
                      "layer_stats": [s for s in state["layer_stats"] if s["layer"] != idx] + [stats]}
-            finished = (state, stream_tensors(states, original),
-                        finished[2] | {work / f"layer_{idx:04d}.safetensors": tensors})
+            finished = (state, states, finished[2] | {work / f"layer_{idx:04d}.safetensors": tensors})
             t4 = time.perf_counter()
             if idx + 1 == cfg.num_layers or t4 - last_checkpoint >= checkpoint_interval:
                 save()
@@ -550,15 +487,12 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
     checkpoint.wait()
     head_file = work / "head.safetensors"
     if not head_file.exists():
-        hessian = _Hessian(cfg.hidden_size, dev, drift=args.drift)
+        hessian = _Hessian(cfg.hidden_size, dev)
         model.norm.float()
         with torch.no_grad(), _matmul_tf32(args.tf32):
             for r0 in range(0, states.shape[0], batch):
-                if original is not None:
-                    hessian.add_original(model.norm(original[r0 : r0 + batch]))
                 hessian.add(model.norm(states[r0 : r0 + batch]))
-        q = quantize_linear(hessian.target(model.lm_head.impl.dense_weight().float()), hessian.mean(),
-                            int(args.head_bits),
+        q = quantize_linear(model.lm_head.impl.dense_weight().float(), hessian.mean(), int(args.head_bits),
                             codebook=args.codebook, seed=_seed(args.seed, cfg.num_layers, 0),
                             channel_scales=args.channel_scales)
         _atomic_save(linear_tensors("lm_head", q.trellis, q.suh, q.svh, q.codebook), head_file)
