@@ -97,13 +97,15 @@ def read_bandwidth(gib: int = 4, reps: int = 10) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     del t
+    torch.cuda.empty_cache()  # the generator sizes its KV pool from what is free
     return gib * 2**30 / sorted(times[2:])[reps // 2] / 1e12
 
 
-def bandwidth_report(model, row: dict) -> dict:
+def bandwidth_report(model, row: dict, measured: float) -> dict:
     """What a batch-1 decode step reads (every tensor of the model on the GPU once, except the embedding
     table, of which it reads one row — a tied head holds the same storage and counts it) against the measured
-    and datasheet bandwidth. The KV cache read (a few hundred tokens) is left out: < 0.1 % here."""
+    (`measured`, TB/s: read_bandwidth) and datasheet bandwidth. The KV cache read (a few hundred tokens) is
+    left out: < 0.1 % here."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is None or t.device.type != "cuda" or t.data_ptr() in seen or name.endswith("embed_weight"):
@@ -111,7 +113,6 @@ def bandwidth_report(model, row: dict) -> dict:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     per_s = total * row["decode_tok_s"]
-    measured = read_bandwidth()
     name = torch.cuda.get_device_name()
     sheet = next((v for k, v in DATASHEET_TB_S.items() if k in name), None)
     return {"GB_per_token": total / 1e9, "TB_s": per_s / 1e12, "read_TB_s": measured,
@@ -206,6 +207,8 @@ def main() -> None:
     dtype = "bfloat16" if args.device != "cpu" else "float32"
     model = load_model(out, device=args.device, dtype=dtype)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if args.device != "cpu" else None
+    # Before the generator sizes its KV pool from the free memory (the 4 GiB probe would not fit after).
+    read_tb_s = read_bandwidth() if args.device != "cpu" and not args.variants else None
     batches = [int(b) for b in args.batches.split(",")]
     if args.variants:
         run_variants(model, args, cfg, batches)
@@ -224,7 +227,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "preset": args.preset,
               "format": args.format, "bits": args.bits if args.format == "exl3" else 16, "rows": rows,
               "prefill_tok_s": round(prefill, 1),
-              "bandwidth": bandwidth_report(model, rows[0]) if args.device != "cpu" and batches[0] == 1 else None,
+              "bandwidth": bandwidth_report(model, rows[0], read_tb_s) if read_tb_s and batches[0] == 1 else None,
               "weights_GB": round(weights_gb, 2) if weights_gb is not None else None,
               "kv_cache_tokens": gen.pool.num_pages * gen.pool.page_size,
               "gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device != "cpu" else None}

@@ -71,3 +71,24 @@ def test_bench_e2e_switches_reach_the_kernels(monkeypatch):
             bench_e2e.set_switch("TRELLM_NOPE", "1")
     finally:
         kernels.pdl_on.cache_clear()
+
+
+def test_prefill_timing_refuses_prompts_served_from_the_prefix_cache(tmp_path):
+    """The prefill figure counts computed tokens only: distinct prompts pass; a prompt run before (its pages
+    in the prefix cache) is refused — the bug that inflated every prefill figure until 2026-12-07."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    from trellm.engine.generator import Generator
+    from trellm.models.loader import load_model
+    from trellm.quant.exl3_writer import write_random_exl3_model
+
+    cfg = bench_e2e.PRESETS["tiny"]
+    write_random_exl3_model(cfg, tmp_path / "m", bits=4, head_bits=6)
+    model = load_model(tmp_path / "m", device="cpu", dtype="float32")
+    gen = Generator(model, max_batch_tokens=2048, max_seqs=2)
+    assert bench_e2e.measure_prefill(gen, 600, cfg["vocab_size"], rounds=3, seed=5) > 0
+    with pytest.raises(AssertionError, match="reused 512 cached tokens"):
+        bench_e2e.measure_prefill(gen, 600, cfg["vocab_size"], rounds=1, seed=5)  # the same first prompt again
