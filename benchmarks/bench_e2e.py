@@ -238,8 +238,9 @@ def main() -> None:
     if result["bandwidth"]:
         bw = result["bandwidth"]
         sheet = f", {bw['of_datasheet']:.1%} of its datasheet's" if bw["of_datasheet"] else ""
-        print(f"batch 1 reads {bw['GB_per_token']:.2f} GB per token: {bw['TB_s']:.2f} TB/s = {bw['of_measured_read']:.1%}"
-              f" of this card's measured read bandwidth ({bw['read_TB_s']:.2f} TB/s){sheet}")
+        print(f"batch 1 reads {bw['GB_per_token']:.2f} GB per token: {bw['TB_s']:.2f} TB/s = "
+              f"{bw['of_measured_read']:.1%} of this card's measured read bandwidth "
+              f"({bw['read_TB_s']:.2f} TB/s){sheet}")
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
