@@ -21,9 +21,10 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from trellm.kernels.exl3_dispatch import exl3_matmul
+from trellm.kernels.exl3_decode import dequantize
+from trellm.kernels.exl3_dispatch import exl3_matmul, small_m_limit
 from trellm.kernels.exl3_gemv import exl3_gemv
-from trellm.kernels.hadamard import had_in
+from trellm.kernels.hadamard import had_in, had_out
 from trellm.quant import exl3_format as fmt
 from trellm.quant.exl3 import EXL3Linear
 from trellm.quant.exl3_writer import random_linear
@@ -120,6 +121,26 @@ def check(layer: EXL3Linear, m: int, device) -> float:
     return ((y - ref).abs().max() / ref.abs().max()).item()
 
 
+def large_m_parts(layers: list[EXL3Linear], x: torch.Tensor, n: int) -> dict:
+    """µs of each step of the large-m path (exl3_dispatch.exl3_gemm_dequant) alone, cycling through the
+    layers like the whole call: had_in of x, the decode of the whole Q^T into one fp16 scratch (the path
+    decodes in chunks of SCRATCH_ELEMS, one chunk for the Llama shapes but the head), the fp16 product and
+    had_out. Their sum against the whole call shows what the chunking and launches add."""
+    lay0 = layers[0]
+    xh, _ = had_in(x, lay0.suh)
+    scratch = torch.empty(lay0.n_pad, lay0.k_pad, device=x.device, dtype=torch.float16)
+    q_t = dequantize(lay0.trellis, lay0.codebook, transposed=True, out=scratch)
+    y_h = torch.empty(x.shape[0], lay0.n_pad, device=x.device, dtype=torch.float16)
+    parts = {
+        "had_in_us": [lambda lay=lay: had_in(x, lay.suh) for lay in layers],
+        "decode_us": [lambda lay=lay: dequantize(lay.trellis, lay.codebook, transposed=True, out=scratch)
+                      for lay in layers],
+        "mm_us": [lambda: torch.mm(xh, q_t.t(), out=y_h)],
+        "had_out_us": [lambda lay=lay: had_out(y_h, lay.svh, None, n, x.dtype) for lay in layers],
+    }
+    return {name: round(time_calls(calls), 2) for name, calls in parts.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
@@ -128,7 +149,9 @@ def main() -> None:
     ap.add_argument("--no-graphs", dest="graphs", action="store_false",
                     help="skip CUDA-graph replay timing (done for m <= 16 by default)")
     ap.add_argument("--check", action="store_true", help="compare against the reference before timing")
-    ap.add_argument("--parts", action="store_true", help="time had_in and the GEMV alone at m = 1")
+    ap.add_argument("--parts", action="store_true",
+                    help="also time the parts alone: at m = 1 had_in and the GEMV; on the large-m path (fp16 "
+                         "scratch + cuBLAS) had_in, the whole matrix's decode, the fp16 product and had_out")
     ap.add_argument("--json-out")
     args = ap.parse_args()
 
@@ -171,6 +194,8 @@ def main() -> None:
                     row["had_in_us"] = round(time_calls([lambda lay=lay: had_in(x, lay.suh) for lay in layers]), 2)
                     row["gemv_us"] = round(time_calls([lambda lay=lay: exl3_gemv(
                         xh, xs, lay.trellis, lay.svh, None, lay.codebook, n, torch.bfloat16) for lay in layers]), 2)
+                if args.parts and m > small_m_limit(dev):
+                    row |= large_m_parts(layers, x, n)
                 if m in errs:
                     row["max_rel_err"] = round(errs[m], 5)
                 rows.append(row)
@@ -184,6 +209,15 @@ def main() -> None:
         print(f"{r['k']:>6}x{r['n']:<7} {r['bits']:>2} {r['m']:>5} {r['us']:>9.2f} {r['bf16_us']:>9.2f} "
               f"{r['speedup']:>7.2f} {r['trellis_GBps']:>7.0f} {100 * r['frac_copy_bw']:>5.0f}%"
               + (f" {r['graph_us']:>7.2f} {r['bf16_graph_us']:>7.2f}" if "graph_us" in r else ""))
+    split = [r for r in rows if "decode_us" in r]
+    if split:
+        print(f"\n{'shape':>14} {'K':>2} {'m':>5} {'exl3 µs':>9} {'had_in':>7} {'decode':>7} {'mm':>7} {'had_out':>7}"
+              f" {'sum':>7} {'bf16 µs':>9}")
+        for r in split:
+            total = r["had_in_us"] + r["decode_us"] + r["mm_us"] + r["had_out_us"]
+            print(f"{r['k']:>6}x{r['n']:<7} {r['bits']:>2} {r['m']:>5} {r['us']:>9.2f} {r['had_in_us']:>7.1f} "
+                  f"{r['decode_us']:>7.1f} {r['mm_us']:>7.1f} {r['had_out_us']:>7.1f} {total:>7.1f} "
+                  f"{r['bf16_us']:>9.2f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": props.name, "copy_bw": bw, "rows": rows}, f, indent=1)
