@@ -9,8 +9,8 @@ normal loader.
 Per batch size B: B jobs with 128-token prompts and 256 new tokens each; decode tokens/s = B·(new - 1) over
 the time from the last job's first token to the end; time to first token = until every job has one. Then
 three 4096-token prompts (distinct, none served from the prefix cache) for prefill tokens/s, the median.
-At batch 1 on a GPU also the bytes a decode step reads against the card's measured read bandwidth (a
-4 GiB sum) and its datasheet's. Prints a table and one JSON object.
+At batch 1 on a GPU also the bytes a decode step reads against the card's copy bandwidth (measured as
+bench_gemm.py does) and its datasheet's. Prints a table and one JSON object.
 
 --variants A/B-times the kernel switches (environment variables the kernels read at import; `base` = as
 started) in one process: the model loads once, each variant gets a fresh generator (plans, compiled
@@ -85,27 +85,11 @@ def measure_prefill(gen: Generator, length: int, vocab: int, rounds: int, seed: 
 DATASHEET_TB_S = {"H100 80GB HBM3": 3.35, "H100 PCIe": 2.0, "H200": 4.8, "H100 NVL": 3.9}
 
 
-def read_bandwidth(gib: int = 4, reps: int = 10) -> float:
-    """This card's read bandwidth in TB/s: the median time of summing a `gib` GiB bf16 tensor (far beyond L2)."""
-    t = torch.ones(gib * 2**29, dtype=torch.bfloat16, device="cuda")
-    times = []
-    for _ in range(reps + 2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        t.sum(dtype=torch.float32)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del t
-    torch.cuda.empty_cache()  # the generator sizes its KV pool from what is free
-    return gib * 2**30 / sorted(times[2:])[reps // 2] / 1e12
-
-
-def bandwidth_report(model, row: dict, measured: float) -> dict:
+def bandwidth_report(model, row: dict, copy_bw: float) -> dict:
     """What a batch-1 decode step reads (every tensor of the model on the GPU once, except the embedding
-    table, of which it reads one row — a tied head holds the same storage and counts it) against the measured
-    (`measured`, TB/s: read_bandwidth) and datasheet bandwidth. The KV cache read (a few hundred tokens) is
-    left out: < 0.1 % here."""
+    table, of which it reads one row — a tied head holds the same storage and counts it) against the card's
+    measured copy bandwidth (`copy_bw`, bytes/s read + written: bench_gemm.copy_bandwidth) and its datasheet's.
+    The KV cache read (a few hundred tokens) is left out: < 0.1 % here."""
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is None or t.device.type != "cuda" or t.data_ptr() in seen or name.endswith("embed_weight"):
@@ -115,8 +99,8 @@ def bandwidth_report(model, row: dict, measured: float) -> dict:
     per_s = total * row["decode_tok_s"]
     name = torch.cuda.get_device_name()
     sheet = next((v for k, v in DATASHEET_TB_S.items() if k in name), None)
-    return {"GB_per_token": total / 1e9, "TB_s": per_s / 1e12, "read_TB_s": measured,
-            "of_measured_read": per_s / 1e12 / measured, "of_datasheet": per_s / 1e12 / sheet if sheet else None}
+    return {"GB_per_token": total / 1e9, "TB_s": per_s / 1e12, "copy_TB_s": copy_bw / 1e12,
+            "of_copy_bw": per_s / copy_bw, "of_datasheet": per_s / 1e12 / sheet if sheet else None}
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
@@ -207,8 +191,12 @@ def main() -> None:
     dtype = "bfloat16" if args.device != "cpu" else "float32"
     model = load_model(out, device=args.device, dtype=dtype)
     weights_gb = torch.cuda.memory_allocated() / 1e9 if args.device != "cpu" else None
-    # Before the generator sizes its KV pool from the free memory (the 4 GiB probe would not fit after).
-    read_tb_s = read_bandwidth() if args.device != "cpu" and not args.variants else None
+    copy_bw = None
+    if args.device != "cpu" and not args.variants:  # before the generator sizes its KV pool from free memory
+        from bench_gemm import copy_bandwidth
+
+        copy_bw = copy_bandwidth(torch.device(args.device))
+        torch.cuda.empty_cache()  # its 2 GiB go back before the pool is sized
     batches = [int(b) for b in args.batches.split(",")]
     if args.variants:
         run_variants(model, args, cfg, batches)
@@ -227,7 +215,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "preset": args.preset,
               "format": args.format, "bits": args.bits if args.format == "exl3" else 16, "rows": rows,
               "prefill_tok_s": round(prefill, 1),
-              "bandwidth": bandwidth_report(model, rows[0], read_tb_s) if read_tb_s and batches[0] == 1 else None,
+              "bandwidth": bandwidth_report(model, rows[0], copy_bw) if copy_bw and batches[0] == 1 else None,
               "weights_GB": round(weights_gb, 2) if weights_gb is not None else None,
               "kv_cache_tokens": gen.pool.num_pages * gen.pool.page_size,
               "gpu_mem_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if args.device != "cpu" else None}
@@ -239,8 +227,8 @@ def main() -> None:
         bw = result["bandwidth"]
         sheet = f", {bw['of_datasheet']:.1%} of its datasheet's" if bw["of_datasheet"] else ""
         print(f"batch 1 reads {bw['GB_per_token']:.2f} GB per token: {bw['TB_s']:.2f} TB/s = "
-              f"{bw['of_measured_read']:.1%} of this card's measured read bandwidth "
-              f"({bw['read_TB_s']:.2f} TB/s){sheet}")
+              f"{bw['of_copy_bw']:.1%} of this card's measured copy bandwidth "
+              f"({bw['copy_TB_s']:.2f} TB/s){sheet}")
     print(json.dumps(result))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))

@@ -99,13 +99,6 @@ def grid_quantizer(bits: int) -> None:
     qz._finish = keep_w_hat
 
 
-def _input_key(name: str) -> str:
-    """The linears reading one input share its Hessian: q/k/v, gate/up."""
-    leaf = name.rsplit(".", 1)[1]
-    return {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"
-            }.get(leaf, leaf)
-
-
 SEED = 0  # of the random signs (--seeds): the spread over seeds is what a difference must exceed
 
 
@@ -131,27 +124,27 @@ def quantize_model(model, ids: torch.Tensor, bits: int, drift: bool, sequential:
     errors = []
     for idx in range(model.config.num_layers):
         linears = job._layer_linears(model.layers[idx])
-        keys = list(dict.fromkeys(_input_key(lin.name) for lin in linears))
+        members: dict[str, list] = {}  # input -> the linears reading it, in the layer's order
+        for lin in linears:
+            members.setdefault(job.input_key(lin.name), []).append(lin)
         dense = {lin.name: lin.impl.dense_weight() for lin in linears}
         quantized: dict[str, torch.Tensor] = {}
+        first = {k: lins[0].name for k, lins in members.items()}  # the linear whose input the hooks see
 
         def use(weights: dict[str, torch.Tensor]) -> None:
             for lin in linears:
                 lin.impl.set_weight(weights.get(lin.name, dense[lin.name]), getattr(lin.impl, "bias", None))
 
-        groups = [keys] if not sequential else [[k] for k in keys]
-        reference = next_original = None
-        for group in groups:
-            hessians = {k: CrossHessian(next(lin.in_features for lin in linears if _input_key(lin.name) == k),
-                                        states.device, drift=drift) for k in group}
-            first = {k: next(lin.name for lin in linears if _input_key(lin.name) == k) for k in group}
+        x0s: dict[str, list[torch.Tensor]] = {k: [] for k in members}
+        if drift:  # one pass of the original layer over the original stream: every input, batch by batch
+            use({})
+            grab = {first[k]: (lambda x, k=k: x0s[k].append(x.reshape(-1, x.shape[-1]).clone())) for k in members}
+            original, _ = job._layer_forward(model, idx, original, batch, grab)
+        reference = None
+        for group in [list(members)] if not sequential else [[k] for k in members]:
+            hessians = {k: CrossHessian(members[k][0].in_features, states.device, drift=drift) for k in group}
             hooks = {first[k]: hessians[k].add for k in group}
-            x0s: dict[str, list[torch.Tensor]] = {k: [] for k in group}
-            if drift:  # the original model's inputs of this group, on the original stream
-                use({})
-                grab = {first[k]: (lambda x, k=k: x0s[k].append(x.reshape(-1, x.shape[-1]).clone())) for k in group}
-                out0, _ = job._layer_forward(model, idx, original, batch, grab)
-                next_original = out0 if next_original is None else next_original
+            if drift:  # each batch's original inputs beside the same rows on the quantized stream
                 feeds = {k: iter(x0s[k]) for k in group}
                 hooks = {first[k]: (lambda x, k=k: feed(hessians[k], next(feeds[k]), x)) for k in group}
             use(quantized)  # the groups before this one quantized
@@ -159,12 +152,10 @@ def quantize_model(model, ids: torch.Tensor, bits: int, drift: bool, sequential:
             reference = out if reference is None else reference  # the original layer on this stream
             use({})
             for k in group:
-                members = [lin for lin in linears if _input_key(lin.name) == k]
-                quantized |= _quantize_group(members, hessians[k], bits, idx, [linears.index(m) for m in members])
+                quantized |= _quantize_group(members[k], hessians[k], bits, idx,
+                                             [linears.index(m) for m in members[k]])
         use(quantized)
         states, err = job._layer_forward(model, idx, states, batch, into=reference)
-        if drift:
-            original = next_original
         errors.append(err)
     return errors
 

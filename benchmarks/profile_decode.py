@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench_e2e import PRESETS
+from bench_e2e import PRESETS, measure_prefill
 from trellm.cache.paged import Segment
 from trellm.engine.generator import Generator, Job
 from trellm.models.loader import load_model
@@ -108,18 +108,15 @@ def main() -> None:
               f"{count}, sum of kernel time {total / 1000:.3f} ms")
         print_kernels(by_name, args.top)
     if args.prefill:
-        prompt = [10 + i % 1000 for i in range(args.prefill)]
-        for _ in range(2):  # compile this prompt length's kernels
-            gen.generate([Job(prompt, max_new_tokens=1)])
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen.generate([Job(prompt, max_new_tokens=1)])
-        torch.cuda.synchronize()
-        took = time.perf_counter() - t0
-        by_name = kernels_by_name(lambda: gen.generate([Job(prompt, max_new_tokens=1)]))
+        # Fresh random prompts each time (bench_e2e.measure_prefill): a repeated prompt would be served from
+        # the prefix cache, and neither its time nor its kernels would be a prefill's.
+        vocab = model.config.vocab_size
+        measure_prefill(gen, args.prefill, vocab, rounds=2, seed=999)  # compile this prompt length's kernels
+        speed = measure_prefill(gen, args.prefill, vocab, rounds=3, seed=1000)
+        by_name = kernels_by_name(lambda: measure_prefill(gen, args.prefill, vocab, rounds=1, seed=1001))
         total = sum(v[0] for v in by_name.values())
-        print(f"\n== prefill {args.prefill} tokens: {took * 1000:.1f} ms ({args.prefill / took:.0f} tok/s); "
-              f"sum of kernel time {total / 1000:.1f} ms")
+        print(f"\n== prefill {args.prefill} tokens: {args.prefill / speed * 1000:.1f} ms ({speed:.0f} tok/s, median "
+              f"of 3 distinct prompts); sum of kernel time {total / 1000:.1f} ms")
         print_kernels(by_name, args.top)
 
 

@@ -208,6 +208,13 @@ def _slots(model: DecoderModel) -> list[LinearSlot]:
             for i, layer in enumerate(model.layers) for lin in _layer_linears(layer)]
 
 
+def input_key(name: str) -> str:
+    """Which input a linear reads, by its name: q/k/v read one, gate/up another (they share a Hessian)."""
+    leaf = name.rsplit(".", 1)[1]
+    return {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"
+            }.get(leaf, leaf)
+
+
 def _seed(base: int, layer: int, index: int) -> int:
     return (base * 1_000_003 + layer * 9_973 + index * 101) % (2**31 - 1)
 
@@ -441,9 +448,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             hooks: dict[str, Callable] = {}
             shared: dict[str, str] = {}  # linear name -> the input it reads (q/k/v share one, gate/up another)
             for lin in linears:
-                leaf = lin.name.rsplit(".", 1)[1]
-                key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
-                       "up_proj": "gate_up"}.get(leaf, leaf)
+                key = input_key(lin.name)
                 shared[lin.name] = key
                 if key not in hessians:
                     hessians[key] = _Hessian(lin.in_features, dev)
