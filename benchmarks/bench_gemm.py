@@ -21,8 +21,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from trellm.kernels.exl3_decode import dequantize
-from trellm.kernels.exl3_dispatch import exl3_matmul, small_m_limit
+from trellm.kernels.exl3_decode import dequantize, dequantize_effective
+from trellm.kernels.exl3_dispatch import exl3_gemm_dequant, exl3_gemm_effective, exl3_matmul, small_m_limit
 from trellm.kernels.exl3_gemv import exl3_gemv
 from trellm.kernels.hadamard import had_in, had_out
 from trellm.quant import exl3_format as fmt
@@ -125,7 +125,10 @@ def large_m_parts(layers: list[EXL3Linear], x: torch.Tensor, n: int) -> dict:
     """µs of each step of the large-m path (exl3_dispatch.exl3_gemm_dequant) alone, cycling through the
     layers like the whole call: had_in of x, the decode of the whole Q^T into one fp16 scratch (the path
     decodes in chunks of SCRATCH_ELEMS, one chunk for the Llama shapes but the head), the fp16 product and
-    had_out. Their sum against the whole call shows what the chunking and launches add."""
+    had_out. Their sum against the whole call shows what the chunking and launches add. Then the same for
+    both large-m paths side by side (exl3_dispatch.LARGE_M, whatever the default): "scratch_us" the fp16 path
+    whole; "eff_dot_us" / "eff_fwht_us" the effective weight's decode alone (two transforms); "eff_mm_us" the
+    product x @ W in x's dtype; "effective_us" exl3_gemm_effective whole (dot transform)."""
     lay0 = layers[0]
     xh, _ = had_in(x, lay0.suh)
     scratch = torch.empty(lay0.n_pad, lay0.k_pad, device=x.device, dtype=torch.float16)
@@ -137,7 +140,14 @@ def large_m_parts(layers: list[EXL3Linear], x: torch.Tensor, n: int) -> dict:
                       for lay in layers],
         "mm_us": [lambda: torch.mm(xh, q_t.t(), out=y_h)],
         "had_out_us": [lambda lay=lay: had_out(y_h, lay.svh, None, n, x.dtype) for lay in layers],
+        "scratch_us": [lambda lay=lay: exl3_gemm_dequant(had_in(x, lay.suh)[0], lay, x.dtype) for lay in layers],
+        "effective_us": [lambda lay=lay: exl3_gemm_effective(x, lay) for lay in layers],
     }
+    w_t = torch.empty(lay0.n_pad, lay0.k_pad, device=x.device, dtype=x.dtype)
+    for form in ("dot", "fwht"):
+        parts[f"eff_{form}_us"] = [lambda lay=lay, form=form: dequantize_effective(
+            lay.trellis, lay.codebook, lay.suh, lay.svh, transform=form, out=w_t) for lay in layers]
+    parts["eff_mm_us"] = [lambda: F.linear(x, w_t[:n, : x.shape[1]])]
     return {name: round(time_calls(calls), 2) for name, calls in parts.items()}
 
 
@@ -178,7 +188,9 @@ def main() -> None:
             tr_bytes = k * n * bits / 8
             copies = max(2, math.ceil(3 * l2 / tr_bytes))
             layers = make_layers(k, n, bits, copies, dev)
-            errs = {m: check(layers[0], m, dev) for m in (1, 5, 16, 64)} if args.check else {}
+            errs = {m: check(layers[0], m, dev) for m in (1, 5, 16, 64, 100)} if args.check else {}
+            if errs:
+                print(json.dumps({"k": k, "n": n, "bits": bits, "max_rel_err": errs}), flush=True)
             for m in map(int, args.m.split(",")):
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 calls = [lambda lay=lay, x=x: exl3_matmul(x, lay) for lay in layers]
@@ -218,6 +230,12 @@ def main() -> None:
             print(f"{r['k']:>6}x{r['n']:<7} {r['bits']:>2} {r['m']:>5} {r['us']:>9.2f} {r['had_in_us']:>7.1f} "
                   f"{r['decode_us']:>7.1f} {r['mm_us']:>7.1f} {r['had_out_us']:>7.1f} {total:>7.1f} "
                   f"{r['bf16_us']:>9.2f}")
+        print(f"\n{'shape':>14} {'K':>2} {'m':>5} {'scratch':>8} {'effect.':>8} {'eff dot':>8} {'eff fwht':>8}"
+              f" {'eff mm':>8} {'bf16 µs':>9} {'x bf16':>7}")
+        for r in split:
+            print(f"{r['k']:>6}x{r['n']:<7} {r['bits']:>2} {r['m']:>5} {r['scratch_us']:>8.1f} "
+                  f"{r['effective_us']:>8.1f} {r['eff_dot_us']:>8.1f} {r['eff_fwht_us']:>8.1f} {r['eff_mm_us']:>8.1f} "
+                  f"{r['bf16_us']:>9.2f} {r['bf16_us'] / r['effective_us']:>7.2f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"device": props.name, "copy_bw": bw, "rows": rows}, f, indent=1)

@@ -103,6 +103,25 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
         lins[1].trellis = view
         if (exl3_gemm_dequant(xh1, lins[1], torch.float32) - refs[1]).abs().max() > 5e-3 * refs[1].abs().max():
             fails.append(("dequant on a view", m))
+    # The effective weight (both transforms folded in) and the product on it, padded shapes, both forms.
+    from trellm.kernels.exl3_decode import dequantize_effective
+    from trellm.kernels.exl3_dispatch import exl3_gemm_effective
+    from trellm.quant import exl3_format as fmt
+    for k, n, bits, cb in ((250, 300, 4, "mul1"), (128, 256, 8, "3inst")):
+        lin = EXL3Linear(k, n, True)
+        tr, s1, s2 = random_linear(k, n, bits, generator=g)
+        lin.set_tensors(tr, suh=s1, svh=s2, codebook=cb, bias=torch.randn(n, generator=g))
+        ref_w = fmt.exl3_weight(lin.trellis, lin.suh, lin.svh, cb).T
+        x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+        ref = lin._forward_ref(x.float())
+        for form in ("dot", "fwht"):
+            w = dequantize_effective(lin.trellis, cb, lin.suh, lin.svh, dtype=torch.float16, transform=form)
+            # one rounding to fp16 of each weight; the dot form also rounds Q·H (an error on the scale of the
+            # block's typical weight, not of each weight)
+            bound = 2**-10 * (ref_w.abs() + ref_w.abs().mean())
+            if not ((w.float() - ref_w).abs() <= bound).all(): fails.append(("eff", k, n, form))
+            y = exl3_gemm_effective(x, lin, transform=form)
+            if (y.float() - ref).abs().max() > 1e-2 * ref.abs().max(): fails.append(("eff gemm", k, n, form))
     print("FAILS", fails)
 """)
 
@@ -492,3 +511,65 @@ def test_tensor_core_gemv_coalesced_x_on_gpu(m, bits, codebook):
                                                 torch.float32, prefetch=prefetch, programs=100, x_coalesced=False),
                                    rtol=0, atol=0)
     assert base.shape == (m, 3000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transform", ["dot", "fwht"])
+def test_effective_weight_and_product_on_gpu(dtype, transform, monkeypatch):
+    """The large-m path that folds both transforms into the decoded weight: W^T within dtype's rounding of the
+    fp32 reference weight, and y = x @ W + bias against the reference layer, for padded shapes, a column
+    range, and several scratch chunks (SCRATCH_ELEMS made small)."""
+    from trellm.kernels import exl3_dispatch
+    from trellm.kernels.exl3_decode import dequantize_effective
+    from trellm.quant import exl3_format as fmt
+    from trellm.quant.exl3 import EXL3Linear
+    from trellm.quant.exl3_writer import random_linear
+
+    g = torch.Generator().manual_seed(5)
+    tol = 2**-8 if dtype == torch.bfloat16 else 2**-10
+    for k, n, bits, cb in ((4096, 1536, 4, "mul1"), (1000, 700, 6, "mcg"), (384, 256, 2, "3inst")):
+        lin = EXL3Linear(k, n, True)
+        tr, s1, s2 = random_linear(k, n, bits, generator=g)
+        lin.set_tensors(tr, suh=s1, svh=s2, codebook=cb, bias=torch.randn(n, generator=g) * 0.1, device="cuda")
+        ref_w = fmt.exl3_weight(lin.trellis, lin.suh, lin.svh, cb).T  # [n_pad, k_pad]
+        w = dequantize_effective(lin.trellis, cb, lin.suh, lin.svh, dtype=dtype, transform=transform)
+        # one rounding to dtype per weight (the dot form also rounds Q·H to fp16: an error on the scale of
+        # the typical weight)
+        assert ((w.float() - ref_w).abs() <= tol * (ref_w.abs() + ref_w.abs().mean())).all(), (k, n, bits, cb)
+        part = dequantize_effective(lin.trellis, cb, lin.suh, lin.svh, cols=(128, 256), dtype=dtype,
+                                    transform=transform)
+        assert torch.equal(part, w[128:256])
+        x = torch.randn(100, k, device="cuda", dtype=dtype)
+        ref = lin._forward_ref(x.float())
+        for elems in (exl3_dispatch.SCRATCH_ELEMS, 128 * lin.k_pad):  # one chunk, then 128 columns a chunk
+            monkeypatch.setattr(exl3_dispatch, "SCRATCH_ELEMS", elems)
+            y = exl3_dispatch.exl3_gemm_effective(x, lin, transform=transform)
+            assert y.dtype == dtype and y.shape == (100, n)
+            assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (k, n, bits, cb, elems)
+
+
+@pytest.mark.gpu
+def test_large_batches_follow_the_large_m_switch(monkeypatch):
+    """exl3_matmul sends m > small_m_limit to the effective path when LARGE_M says so and the precision
+    rule allows (bf16 up to K = 6), else to the fp16 scratch path; both agree with the reference."""
+    from trellm.kernels import exl3_dispatch
+    from trellm.quant.exl3 import EXL3Linear
+    from trellm.quant.exl3_writer import random_linear
+
+    g = torch.Generator().manual_seed(6)
+    calls = []
+    real = exl3_dispatch.exl3_gemm_effective
+    monkeypatch.setattr(exl3_dispatch, "exl3_gemm_effective", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for bits, expect in ((6, True), (7, False)):
+        lin = EXL3Linear(512, 384, False)
+        tr, s1, s2 = random_linear(512, 384, bits, generator=g)
+        lin.set_tensors(tr, suh=s1, svh=s2, codebook="mul1", device="cuda")
+        x = torch.randn(200, 512, device="cuda", dtype=torch.bfloat16)
+        ref = lin._forward_ref(x.float())
+        for mode in ("effective", "scratch"):
+            monkeypatch.setattr(exl3_dispatch, "LARGE_M", mode)
+            calls.clear()
+            y = exl3_dispatch.exl3_matmul(x, lin)
+            assert bool(calls) == (expect and mode == "effective"), (bits, mode)
+            assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (bits, mode)

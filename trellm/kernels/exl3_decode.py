@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trellm.kernels.hadamard import _fwht128
 from trellm.quant import exl3_format as fmt
 
 MUL1_C1 = float(fmt._fp16(fmt.MUL1_C1_BITS))
@@ -231,3 +232,56 @@ def dequantize(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | 
 def dequantize_ref(trellis: torch.Tensor, codebook: str, *, cols: tuple[int, int] | None = None) -> torch.Tensor:
     q = fmt.decode_trellis(trellis, codebook)
     return q if cols is None else q[:, cols[0] : cols[1]].contiguous()
+
+
+@triton.jit
+def _effective_kernel(tr_ptr, suh_ptr, svh_ptr, h_ptr, w_ptr, NT, K_TOTAL, col0, K: tl.constexpr,
+                      CODEBOOK: tl.constexpr, DOT: tl.constexpr, USE_ASM: tl.constexpr):
+    """One 128 × 128 block of W^T = (diag(suh)·H·Q·H·diag(svh))^T: both Hadamards act inside the block
+    (they are blockwise), so the block needs only its own 8 × 8 tiles."""
+    pid_a, pid_c = tl.program_id(0), tl.program_id(1)
+    q = decode_block(tr_ptr, pid_a * 8, col0 // 16 + pid_c * 8, NT, K, 8, 8, CODEBOOK, False, USE_ASM)  # [k, n]
+    if DOT:  # tensor cores, H = ±1 in fp16 (exact); Q·H rounds to fp16 once before the second product
+        r = tl.arange(0, 128)
+        h = tl.load(h_ptr + r[:, None] * 128 + r[None, :])
+        qh = tl.dot(q, h).to(tl.float16)  # [k, n] = Q·H
+        wt = tl.dot(tl.trans(qh), h)  # [n, k] = (Q·H)^T·H = (H·Q·H)^T
+    else:  # butterflies in fp32
+        wt = _fwht128(tl.trans(_fwht128(q.to(tl.float32))))
+    rk = pid_a * 128 + tl.arange(0, 128)
+    cn = pid_c * 128 + tl.arange(0, 128)  # within the requested columns
+    scale_n = tl.load(svh_ptr + col0 + cn).to(tl.float32) * 0.0078125  # the two 128^-1/2 normalisations
+    scale_k = tl.load(suh_ptr + rk).to(tl.float32)
+    w = wt * scale_n[:, None] * scale_k[None, :]
+    tl.store(w_ptr + cn[:, None] * K_TOTAL + rk[None, :], w.to(w_ptr.dtype.element_ty))
+
+
+_H_PM1: dict[torch.device, torch.Tensor] = {}
+
+
+def dequantize_effective(trellis: torch.Tensor, codebook: str, suh: torch.Tensor, svh: torch.Tensor, *,
+                         cols: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.bfloat16, transform: str = "dot",
+                         use_asm: bool | None = None) -> torch.Tensor:
+    """The layer's whole effective weight, transposed: W^T [n, k] = (diag(suh)·H·Q·H·diag(svh))^T for the
+    columns cols[0]:cols[1] (multiples of 128; k and n padded), in `dtype` — the operand of a plain
+    x @ W matmul, with no transform of x or y. transform: "dot" (two tensor-core products per block) or
+    "fwht" (butterflies). Matches exl3_format.exl3_weight(...).T within `dtype`'s rounding."""
+    kt, nt, depth = trellis.shape
+    if depth % 16 or not 1 <= depth // 16 <= 8:
+        raise ValueError(f"the Triton decoder handles integer K = 1..8, got trellis depth {depth}")
+    c0, c1 = cols if cols is not None else (0, nt * 16)
+    assert c0 % 128 == 0 and c1 % 128 == 0 and c1 <= nt * 16 and kt % 8 == 0
+    assert suh.shape == (kt * 16,) and svh.shape[0] >= c1, (suh.shape, svh.shape, c1)
+    w = out if out is not None else torch.empty(c1 - c0, kt * 16, device=trellis.device, dtype=dtype)
+    assert w.shape == (c1 - c0, kt * 16) and w.is_contiguous()
+    assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
+    key = trellis.device
+    if key not in _H_PM1:
+        _H_PM1[key] = (fmt.hadamard_matrix(128, torch.float32, key) * 128**0.5).round().to(torch.float16)
+    use_asm = trellis.device.type == "cuda" if use_asm is None else use_asm
+    grid = (kt // 8, (c1 - c0) // 128)
+    _effective_kernel[grid](trellis.view(torch.int32), suh, svh, _H_PM1[key], w, trellis.stride(0) // depth,
+                            kt * 16, c0, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook],
+                            DOT=transform == "dot", USE_ASM=use_asm, num_warps=8)
+    return w

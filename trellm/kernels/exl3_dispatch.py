@@ -3,7 +3,9 @@
     m <= 16        had_in + a decode-GEMV: exl3_tc (tensor cores, decoded straight into mma registers;
                    sm_80 and newer) or exl3_gemv (FMA units), by SMALL_M_KERNEL
     m = 17..64     had_in + exl3_tc where it runs (TC_MAX_M), else as m > 64
-    m > 64         had_in + decode to an fp16 scratch (in column chunks) + cuBLAS + had_out
+    m > 64         LARGE_M "effective": the effective weight (suh, both Hadamards and svh folded in) decoded
+                   into a scratch in x's dtype (in column chunks) and one cuBLAS product of x itself — no
+                   transform of x or y; "scratch": had_in + Q decoded to an fp16 scratch + cuBLAS + had_out
 Half-integer K (optional in the format) takes the torch reference on the GPU.
 """
 
@@ -14,8 +16,9 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from trellm.kernels.exl3_decode import dequantize
+from trellm.kernels.exl3_decode import dequantize, dequantize_effective
 from trellm.kernels.exl3_gemv import exl3_gemv
 from trellm.kernels.hadamard import had_in, had_out
 
@@ -39,6 +42,13 @@ SCRATCH_ELEMS = 64 * 2**20  # fp16 elements of decoded Q held at once (128 MB)
 SMALL_M_KERNEL = os.environ.get("TRELLM_SMALL_M", "tc")
 if SMALL_M_KERNEL not in ("tc", "fma1", "fma"):
     raise ValueError(f"TRELLM_SMALL_M={SMALL_M_KERNEL!r}: expected tc, fma1 or fma")
+# The large-m path (see the header). "effective" rounds the effective weight to x's dtype: in bf16 that adds
+# about as much error as rounding the output to bf16 (0.17 % rms each, CPU check), under 1 % of the
+# quantization noise up to K = 6 but ~6 % of it at K = 8, so bf16 layers of K >= 7 keep the fp16 scratch.
+LARGE_M = os.environ.get("TRELLM_LARGE_M", "scratch")
+if LARGE_M not in ("effective", "scratch"):
+    raise ValueError(f"TRELLM_LARGE_M={LARGE_M!r}: expected effective or scratch")
+EFFECTIVE_BF16_MAX_K = 6
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,12 +80,42 @@ def exl3_matmul(x: torch.Tensor, layer: EXL3Linear,
     already computed by x's producer (EXL3Linear.input_rotation)."""
     if not float(layer.bits).is_integer():
         return layer._forward_ref(x)
-    x_h, x_sums = had_in(x.contiguous(), layer.suh) if rotated is None else rotated
     m = x.shape[0]
+    if m > small_m_limit(x.device) and uses_effective(layer, x.dtype):
+        return exl3_gemm_effective(x, layer)  # x as it is: a rotation handed over goes unused
+    x_h, x_sums = had_in(x.contiguous(), layer.suh) if rotated is None else rotated
     if m <= small_m_limit(x.device):
         return gemv_small(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
                           x.dtype)
     return exl3_gemm_dequant(x_h, layer, x.dtype)
+
+
+def uses_effective(layer: EXL3Linear, dtype: torch.dtype) -> bool:
+    """Whether a large batch of this layer in `dtype` takes exl3_gemm_effective (LARGE_M and the precision rule)."""
+    return LARGE_M == "effective" and (dtype == torch.float16 or
+                                       (dtype == torch.bfloat16 and layer.bits <= EFFECTIVE_BF16_MAX_K))
+
+
+def exl3_gemm_effective(x: torch.Tensor, layer: EXL3Linear, transform: str = "dot") -> torch.Tensor:
+    """Large batches: y = x @ W + bias with W decoded whole (exl3_decode.dequantize_effective) column chunk by
+    chunk into a scratch in x's dtype; cuBLAS reads x directly (W's padding rows dropped, x not padded)."""
+    m, k = x.shape
+    n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
+    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
+    chunk = max(128, min(n_pad, SCRATCH_ELEMS // k_pad // 128 * 128))
+    scratch = torch.empty(k_pad * chunk, device=x.device, dtype=x.dtype)
+    if chunk >= n_pad:  # one chunk (every Llama-8B linear but the head): one cuBLAS call with the bias
+        w_t = dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, transform=transform,
+                                   out=scratch.view(n_pad, k_pad))
+        return F.linear(x, w_t[:n, :k], bias)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    for c0 in range(0, n_pad, chunk):
+        c1 = min(n_pad, c0 + chunk)
+        w_t = dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, cols=(c0, c1),
+                                   transform=transform, out=scratch[: k_pad * (c1 - c0)].view(c1 - c0, k_pad))
+        cols = min(c1, n) - c0  # the last chunk may hold padding columns
+        y[:, c0 : c0 + cols] = F.linear(x, w_t[:cols, :k], bias[c0 : c0 + cols] if bias is not None else None)
+    return y
 
 
 def exl3_gemm_dequant(x_h: torch.Tensor, layer: EXL3Linear, dtype: torch.dtype) -> torch.Tensor:
