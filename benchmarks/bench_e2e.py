@@ -14,7 +14,7 @@ bench_gemm.py does) and its datasheet's. Prints a table and one JSON object.
 
 --variants A/B-times the kernel switches (environment variables the kernels read at import; `base` = as
 started) in one process: the model loads once, each variant gets a fresh generator (plans, compiled
-kernels and captured graphs of its own) and the variants run in turn, `--rounds` times, decode only.
+kernels and captured graphs of its own) and the variants run in turn, `--rounds` times: decode and prefill.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def bandwidth_report(model, row: dict, copy_bw: float) -> dict:
 
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
-                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0", "TRELLM_ATTN_ROTATE": "1"}
+                   "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0", "TRELLM_ATTN_ROTATE": "1",
+                   "TRELLM_LARGE_M": "scratch"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -129,6 +130,8 @@ def set_switch(name: str, value: str) -> None:
         from trellm.cache import paged
 
         paged.ATTN_ROTATE = value == "1"
+    elif name == "TRELLM_LARGE_M":  # read at each large-batch matmul
+        exl3_dispatch.LARGE_M = value
     elif name == "TRELLM_OVERLAP":  # read when a Generator is made (each variant makes its own)
         from trellm.engine import generator
 
@@ -140,7 +143,8 @@ def set_switch(name: str, value: str) -> None:
 
 
 def run_variants(model, args, cfg: dict, batches: list[int]) -> None:
-    """Each variant on a fresh generator, in turn, args.rounds times: decode tok/s per batch."""
+    """Each variant on a fresh generator, in turn, args.rounds times: decode tok/s per batch, and the prefill
+    tok/s of args.prefill-token prompts (measure_prefill) where args.prefill > 0."""
     variants = args.variants.split("|")
     # Each variant starts from the switches as this process started (environment or the kernels' defaults).
     started = {name: os.environ.get(name, default) for name, default in SWITCH_DEFAULTS.items()}
@@ -152,18 +156,20 @@ def run_variants(model, args, cfg: dict, batches: list[int]) -> None:
             for assign in filter(None, v.split(",")):
                 if assign != "base":
                     set_switch(*assign.split("=", 1))
-            gen = Generator(model, max_batch_tokens=2048, max_seqs=max(batches))
+            gen = Generator(model, max_batch_tokens=max(2048, args.prefill), max_seqs=max(batches))
             gen.warmup()
             for b in batches:
                 run_batch(gen, b, args.prompt, 3, cfg["vocab_size"], 0)
             rows = [run_batch(gen, b, args.prompt, args.new, cfg["vocab_size"], b + rnd) for b in batches]
-            table[v].append([r["decode_tok_s"] for r in rows])
-            print(json.dumps({"round": rnd, "variant": v, "rows": rows}), flush=True)
+            prefill = measure_prefill(gen, args.prefill, cfg["vocab_size"], 3, 2000 + rnd) if args.prefill else 0.0
+            table[v].append([r["decode_tok_s"] for r in rows] + [prefill])
+            print(json.dumps({"round": rnd, "variant": v, "rows": rows, "prefill_tok_s": prefill}), flush=True)
             del gen
             torch.cuda.empty_cache()
-    print(f"{'variant':<40}" + "".join(f"{'batch ' + str(b):>14}" for b in batches))
+    heads = [f"batch {b}" for b in batches] + [f"prefill {args.prefill}"]
+    print(f"{'variant':<40}" + "".join(f"{h:>16}" for h in heads))
     for v, runs in table.items():
-        print(f"{v:<40}" + "".join(f"{' / '.join(f'{r[i]:.0f}' for r in runs):>14}" for i in range(len(batches))))
+        print(f"{v:<40}" + "".join(f"{' / '.join(f'{r[i]:.0f}' for r in runs):>16}" for i in range(len(heads))))
 
 
 def main() -> None:

@@ -172,7 +172,7 @@ class Attention(nn.Module):
             q, k = apply_rope_qk(q, k, cos, sin, v=v, store=dest)  # one kernel, the cache writes included
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rotate = self.o.rotation if self.o is not None else None
+        rotate = self.o.rotation_for(b * t, q.dtype) if self.o is not None else None
         if dest is not None and rotate is not None and hasattr(backend, "attend_rotated"):
             # The backend's kernel may hand over o_proj's input transform too (no had_in launch).
             out, o_rotated = backend.attend_rotated(self.layer_idx, q, k, v, self.params, rotate)

@@ -57,6 +57,13 @@ class LinearGroup:
         if all(r is not None for r in rotations) and len({r.shape for r in rotations}) == 1:
             self.rotation = torch.stack(rotations).contiguous()  # [G, k_pad]
 
+    def rotation_for(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """`rotation` where some member will use it for an input of `rows` rows in `dtype`, else None (the
+        producer then skips the transform: e.g. EXL3's large batches multiply x itself)."""
+        if self.rotation is None or not any(lin.impl.takes_rotation(rows, dtype) for lin in self.linears):
+            return None
+        return self.rotation
+
     def __call__(self, x: torch.Tensor, rotated: Rotated | None = None) -> list[torch.Tensor]:
         """x [..., in_features] -> each member's output; `rotated` as the *_rotated producers return it
         ([G, rows, k_pad], [G, rows, k_pad/128]) for `self.rotation`."""

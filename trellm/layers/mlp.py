@@ -53,5 +53,6 @@ class GatedMLP(nn.Module):
             if self.gate_up is None:
                 return self.down_proj(act_mul(self.act_name, self.gate_proj(x), self.up_proj(x)))
             gate, up = self.gate_up(x, rotated)
-            return self.down(*act_mul_rotated(self.act_name, gate, up, self.down.rotation))[0]
+            rotate = self.down.rotation_for(gate.numel() // gate.shape[-1], gate.dtype)
+            return self.down(*act_mul_rotated(self.act_name, gate, up, rotate))[0]
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -46,9 +46,10 @@ def fused_parts(cfg: ModelConfig, spec: ArchSpec) -> dict[str, FusedPart]:
     return parts
 
 
-def _rotation(group: LinearGroup | None) -> torch.Tensor | None:
-    """The input transform a group's producer applies for it (None before fuse_projections or without one)."""
-    return group.rotation if group is not None else None
+def _rotation(group: LinearGroup | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The input transform a group's producer applies for it on x's rows (None before fuse_projections,
+    without one, or where the group would not use it)."""
+    return group.rotation_for(x.numel() // x.shape[-1], x.dtype) if group is not None else None
 
 
 class DecoderLayer(nn.Module):
@@ -88,11 +89,11 @@ class DecoderLayer(nn.Module):
         """The layer on the residual h + pending, returning (residual, mlp output) without their sum: the
         next layer's (or the final) norm adds it in its own kernel, saving one launch per layer."""
         # Where the projections transform their input first (EXL3 on CUDA), the norm kernels do it.
-        h, x, rot = self.attn_norm.norm_for(h, pending, _rotation(self.self_attn.qkv))
+        h, x, rot = self.attn_norm.norm_for(h, pending, _rotation(self.self_attn.qkv, h))
         a = self.self_attn(x, cos, sin, backend, rot)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
-        h, x, rot = self.mlp_norm.norm_for(h, a, _rotation(self.mlp.gate_up))  # h + a and its norm
+        h, x, rot = self.mlp_norm.norm_for(h, a, _rotation(self.mlp.gate_up, h))  # h + a and its norm
         m = self.mlp(x, rot)
         if self.mlp_post_norm is not None:
             m = self.mlp_post_norm(m)
@@ -197,7 +198,7 @@ class DecoderModel(nn.Module):
             h, pending = h[:, -1:], pending[:, -1:]
         elif select is not None:
             h, pending = h[:, select], pending[:, select]
-        _, x, rot = self.norm.norm_for(h, pending, _rotation(self.head))
+        _, x, rot = self.norm.norm_for(h, pending, _rotation(self.head, h))
         logits = self.head(x, rot)[0] if self.head is not None else self.lm_head(x)
         cap = self.config.final_logit_softcapping
         if cap:

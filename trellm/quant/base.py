@@ -47,6 +47,11 @@ class LinearImpl(nn.Module, ABC):
         k_pad/128])`. None (the default) where not."""
         return None
 
+    def takes_rotation(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether a call of `rows` rows in `dtype` would use a handed-over input transform (asked only
+        where input_rotation() is not None); where not, producers skip the work of making it."""
+        return True
+
     @staticmethod
     def fuse(impls: list[LinearImpl]) -> Callable[..., list[torch.Tensor]] | None:
         """One matmul for several linears of this format that read the same input (q/k/v, gate/up), or

@@ -127,6 +127,11 @@ class EXL3Linear(LinearImpl):
             return None
         return self.suh
 
+    def takes_rotation(self, rows: int, dtype: torch.dtype) -> bool:
+        from trellm.kernels.exl3_dispatch import small_m_limit, uses_effective
+
+        return rows <= small_m_limit(self.trellis.device) or not uses_effective(self, dtype)
+
     def forward(self, x: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [m, in_features]
