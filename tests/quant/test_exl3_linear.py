@@ -204,6 +204,38 @@ def test_input_transform_inside_the_norm_and_act_kernels(config, tmp_path, monke
 
 
 @pytest.mark.gpu
+def test_large_batches_on_the_effective_path_skip_every_transform(tmp_path, monkeypatch):
+    """With TRELLM_LARGE_M=effective a 100-token prefill multiplies x itself in every linear: no had_in
+    launch, no input transform made by the norm or act·mul kernels, and logits that match the fp16
+    scratch path (bf16 rounding of the effective weights: within bf16 noise)."""
+    from trellm.cache.contiguous import ContiguousKVCache
+    from trellm.kernels import exl3_dispatch, fused, hadamard
+    from trellm.models.loader import load_model
+
+    write_random_exl3_model(FUSABLE, tmp_path / "m", bits=4, head_bits=6, codebook="mul1", seed=4)
+    model = load_model(tmp_path / "m", device="cuda", dtype="bfloat16")
+    calls, made = [], []
+    original = hadamard.had_in
+    monkeypatch.setattr(exl3_dispatch, "had_in", lambda *a: calls.append(1) or original(*a))
+    norm = fused.rms_norm_rotated
+    monkeypatch.setattr(fused, "rms_norm_rotated", lambda *a: made.append(a[-1] is not None) or norm(*a))
+    ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def logits() -> torch.Tensor:
+        cache = ContiguousKVCache(model.config, batch_size=1, max_len=100, device="cuda", dtype=torch.bfloat16)
+        return model(ids, torch.arange(100, device="cuda")[None], cache.step(100), max_seq_len=100).float()
+
+    monkeypatch.setattr(exl3_dispatch, "LARGE_M", "scratch")
+    plain = logits()
+    assert calls and any(made)
+    calls.clear(), made.clear()
+    monkeypatch.setattr(exl3_dispatch, "LARGE_M", "effective")
+    effective = logits()
+    assert not calls and made and not any(made)
+    assert (effective - plain).abs().max() <= 3e-2 * plain.abs().max()
+
+
+@pytest.mark.gpu
 def test_o_proj_transform_inside_the_attention_combine(tmp_path, monkeypatch):
     """Decoding through the paged kernel with key splits and 128-wide heads, the kernel that combines the
     splits writes o_proj's had_in output (PagedStep.attend_rotated): no had_in launch is left in a decode
