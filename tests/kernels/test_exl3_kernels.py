@@ -519,7 +519,7 @@ def test_tensor_core_gemv_coalesced_x_on_gpu(m, bits, codebook):
 def test_effective_weight_and_product_on_gpu(dtype, transform, monkeypatch):
     """The large-m path that folds both transforms into the decoded weight: W^T within dtype's rounding of the
     fp32 reference weight, and y = x @ W + bias against the reference layer, for padded shapes, a column
-    range, and several scratch chunks (SCRATCH_ELEMS made small)."""
+    range, several scratch chunks (SCRATCH_ELEMS made small) and chunks decoded on a side stream."""
     from trellm.kernels import exl3_dispatch
     from trellm.kernels.exl3_decode import dequantize_effective
     from trellm.quant import exl3_format as fmt
@@ -547,6 +547,10 @@ def test_effective_weight_and_product_on_gpu(dtype, transform, monkeypatch):
             y = exl3_dispatch.exl3_gemm_effective(x, lin, transform=transform)
             assert y.dtype == dtype and y.shape == (100, n)
             assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (k, n, bits, cb, elems)
+        monkeypatch.setattr(exl3_dispatch, "SCRATCH_ELEMS", 64 * 2**20)
+        for chunks in (2, 3, 8):  # decoded on a side stream ahead of the products (two buffers)
+            y = exl3_dispatch.exl3_gemm_effective(x, lin, transform=transform, overlap=chunks)
+            assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), (k, n, bits, cb, chunks)
 
 
 @pytest.mark.gpu

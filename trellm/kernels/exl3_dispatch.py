@@ -49,6 +49,10 @@ LARGE_M = os.environ.get("TRELLM_LARGE_M", "scratch")
 if LARGE_M not in ("effective", "scratch"):
     raise ValueError(f"TRELLM_LARGE_M={LARGE_M!r}: expected effective or scratch")
 EFFECTIVE_BF16_MAX_K = 6
+# The effective path split into this many column chunks, each decoded on a side stream while the previous
+# chunk's product runs (the decode is memory-bound, the product compute-bound); 0 = one decode, then one
+# product. For A/B timing (not yet timed on a GPU).
+EFFECTIVE_OVERLAP = int(os.environ.get("TRELLM_LARGE_M_OVERLAP", "0"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,9 +100,14 @@ def uses_effective(layer: EXL3Linear, dtype: torch.dtype) -> bool:
                                        (dtype == torch.bfloat16 and layer.bits <= EFFECTIVE_BF16_MAX_K))
 
 
-def exl3_gemm_effective(x: torch.Tensor, layer: EXL3Linear, transform: str = "dot") -> torch.Tensor:
+def exl3_gemm_effective(x: torch.Tensor, layer: EXL3Linear, transform: str = "dot",
+                        overlap: int | None = None) -> torch.Tensor:
     """Large batches: y = x @ W + bias with W decoded whole (exl3_decode.dequantize_effective) column chunk by
-    chunk into a scratch in x's dtype; cuBLAS reads x directly (W's padding rows dropped, x not padded)."""
+    chunk into a scratch in x's dtype; cuBLAS reads x directly (W's padding rows dropped, x not padded).
+    overlap (default EFFECTIVE_OVERLAP): that many chunks, decoded on a side stream ahead of the products."""
+    overlap = EFFECTIVE_OVERLAP if overlap is None else overlap
+    if overlap > 1 and layer.n_pad >= 256:
+        return _effective_overlapped(x, layer, transform, overlap)
     m, k = x.shape
     n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
     bias = layer.bias.to(x.dtype) if layer.bias is not None else None
@@ -115,6 +124,42 @@ def exl3_gemm_effective(x: torch.Tensor, layer: EXL3Linear, transform: str = "do
                                    transform=transform, out=scratch[: k_pad * (c1 - c0)].view(c1 - c0, k_pad))
         cols = min(c1, n) - c0  # the last chunk may hold padding columns
         y[:, c0 : c0 + cols] = F.linear(x, w_t[:cols, :k], bias[c0 : c0 + cols] if bias is not None else None)
+    return y
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _effective_overlapped(x: torch.Tensor, layer: EXL3Linear, transform: str, chunks: int) -> torch.Tensor:
+    """exl3_gemm_effective in `chunks` column chunks through two scratch buffers: the side stream decodes chunk
+    i + 1 while the current stream multiplies chunk i (events order each buffer's reuse)."""
+    m, k = x.shape
+    n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
+    step = -(-n_pad // chunks // 128) * 128 if n_pad // chunks >= 128 else 128
+    main = torch.cuda.current_stream(x.device)
+    side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+    bufs = [torch.empty(step, k_pad, device=x.device, dtype=x.dtype) for _ in range(2)]
+    side.wait_stream(main)  # the buffers' memory may have had earlier users on this stream
+    freed: list[torch.cuda.Event | None] = [None, None]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    for i, c0 in enumerate(range(0, n_pad, step)):
+        c1, buf = min(n_pad, c0 + step), bufs[i % 2]
+        with torch.cuda.stream(side):
+            if freed[i % 2] is not None:
+                side.wait_event(freed[i % 2])  # the product that read this buffer two chunks ago is done
+            dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, cols=(c0, c1),
+                                 transform=transform, out=buf[: c1 - c0])
+            ready = torch.cuda.Event()
+            ready.record(side)
+        main.wait_event(ready)
+        cols = min(c1, n) - c0
+        torch.mm(x, buf[:cols, :k].t(), out=y[:, c0 : c0 + cols])
+        freed[i % 2] = torch.cuda.Event()
+        freed[i % 2].record(main)
+    for buf in bufs:
+        buf.record_stream(side)  # not reused before the side stream's work on it is done
+    if layer.bias is not None:
+        y += layer.bias
     return y
 
 
