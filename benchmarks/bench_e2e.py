@@ -105,7 +105,7 @@ def bandwidth_report(model, row: dict, copy_bw: float) -> dict:
 
 SWITCH_DEFAULTS = {"TRELLM_PDL": "1", "TRELLM_PDL_PREFETCH": "0", "TRELLM_PDL_EARLY": "1", "TRELLM_SMALL_M": "tc",
                    "TRELLM_TC_MAX_M": "64", "TRELLM_TC_XCOAL_M": "2", "TRELLM_OVERLAP": "0", "TRELLM_ATTN_ROTATE": "1",
-                   "TRELLM_LARGE_M": "scratch"}
+                   "TRELLM_LARGE_M": "scratch", "TRELLM_LARGE_M_OVERLAP": "0"}
 
 
 def set_switch(name: str, value: str) -> None:
@@ -132,6 +132,8 @@ def set_switch(name: str, value: str) -> None:
         paged.ATTN_ROTATE = value == "1"
     elif name == "TRELLM_LARGE_M":  # read at each large-batch matmul
         exl3_dispatch.LARGE_M = value
+    elif name == "TRELLM_LARGE_M_OVERLAP":
+        exl3_dispatch.EFFECTIVE_OVERLAP = int(value)
     elif name == "TRELLM_OVERLAP":  # read when a Generator is made (each variant makes its own)
         from trellm.engine import generator
 

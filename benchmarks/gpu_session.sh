@@ -34,8 +34,9 @@ decisions)
   TRELLM_LARGE_M=effective timeout 100 python benchmarks/bench_gemm.py --shapes 4096x14336 --bits 4 \
     --m 512,4096 --parts --check 2>&1 | tail -12
   timeout 240 bash -c "until grep -q 'model written' /tmp/write.log; do sleep 2; done"; tail -2 /tmp/write.log
-  timeout 280 python benchmarks/bench_e2e.py --out /tmp/e2e/m --batches 1,16 --new 128 --rounds 1 \
-    --variants "base|TRELLM_OVERLAP=1|TRELLM_LARGE_M=effective" 2>&1 | grep -v '^{"round"' | tail -6
+  timeout 330 python benchmarks/bench_e2e.py --out /tmp/e2e/m --batches 1,16 --new 128 --rounds 1 \
+    --variants "base|TRELLM_OVERLAP=1|TRELLM_LARGE_M=effective|TRELLM_LARGE_M=effective,TRELLM_LARGE_M_OVERLAP=4" \
+    2>&1 | grep -v '^{"round"' | tail -6
   ;;
 parts)
   TRELLM_LARGE_M=effective timeout 500 python benchmarks/bench_gemm.py --shapes 4096x14336,14336x4096,4096x4096 \
