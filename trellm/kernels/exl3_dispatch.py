@@ -135,7 +135,8 @@ def _effective_overlapped(x: torch.Tensor, layer: EXL3Linear, transform: str, ch
     i + 1 while the current stream multiplies chunk i (events order each buffer's reuse)."""
     m, k = x.shape
     n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
-    step = -(-n_pad // chunks // 128) * 128 if n_pad // chunks >= 128 else 128
+    step = -(-n_pad // chunks // 128) * 128  # n_pad / chunks rounded up to whole 128-column blocks
+    step = max(128, min(step, SCRATCH_ELEMS // 2 // k_pad // 128 * 128))  # two buffers within SCRATCH_ELEMS
     main = torch.cuda.current_stream(x.device)
     side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
     bufs = [torch.empty(step, k_pad, device=x.device, dtype=x.dtype) for _ in range(2)]
