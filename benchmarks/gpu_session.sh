@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh decisions  # GPU tests of the untimed paths; large-m parts at 4096->14336 K4;
 #                                             # A/B of TRELLM_OVERLAP=1 and TRELLM_LARGE_M=effective (decode,
 #                                             # prefill) on the 8B-shape model (written to /tmp/e2e/m first)
+#   bash benchmarks/gpu_session.sh quick      # its first two steps only (~4 min)
 #   bash benchmarks/gpu_session.sh parts      # bench_gemm --parts: both large-m paths, 3 shapes x K 2/4/6
 #   bash benchmarks/gpu_session.sh bf16       # needs /tmp/e2e/m: ATTN_ROTATE A/B, step phases, then bf16
 #
@@ -38,6 +39,13 @@ decisions)
     --variants "base|TRELLM_OVERLAP=1|TRELLM_LARGE_M=effective|TRELLM_LARGE_M=effective,TRELLM_LARGE_M_OVERLAP=4" \
     2>&1 | grep -v '^{"round"' | tail -6
   ;;
+quick)  # ~4 min: the GPU tests of the untimed paths and the large-m parts at 4096->14336 K4
+  timeout 110 python -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_generator.py \
+    tests/kernels/test_fused.py tests/kernels/test_exl3_kernels.py tests/quant/test_exl3_linear.py \
+    -k "overlap or rotat or effective or large_batches or graph_logits or combine" 2>&1 | tail -12
+  TRELLM_LARGE_M=effective timeout 100 python benchmarks/bench_gemm.py --shapes 4096x14336 --bits 4 \
+    --m 512,4096 --parts --check 2>&1 | tail -12
+  ;;
 parts)
   TRELLM_LARGE_M=effective timeout 500 python benchmarks/bench_gemm.py --shapes 4096x14336,14336x4096,4096x4096 \
     --bits 2,4,6 --m 512,4096 --parts --check 2>&1 | tail -45
@@ -53,7 +61,7 @@ bf16)
     --prefill 2048 2>&1 | tail -7
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh decisions|parts|bf16" >&2
+  echo "usage: bash benchmarks/gpu_session.sh decisions|quick|parts|bf16" >&2
   exit 2
   ;;
 esac
