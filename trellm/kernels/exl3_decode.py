@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trellm.kernels.hadamard import _fwht128
+from trellm.kernels.hadamard import _fwht128, hadamard_128
 from trellm.quant import exl3_format as fmt
 
 MUL1_C1 = float(fmt._fp16(fmt.MUL1_C1_BITS))
@@ -256,9 +256,6 @@ def _effective_kernel(tr_ptr, suh_ptr, svh_ptr, h_ptr, w_ptr, NT, K_TOTAL, col0,
     tl.store(w_ptr + cn[:, None] * K_TOTAL + rk[None, :], w.to(w_ptr.dtype.element_ty))
 
 
-_H_PM1: dict[torch.device, torch.Tensor] = {}
-
-
 def dequantize_effective(trellis: torch.Tensor, codebook: str, suh: torch.Tensor, svh: torch.Tensor, *,
                          cols: tuple[int, int] | None = None, out: torch.Tensor | None = None,
                          dtype: torch.dtype = torch.bfloat16, transform: str = "dot",
@@ -276,12 +273,10 @@ def dequantize_effective(trellis: torch.Tensor, codebook: str, suh: torch.Tensor
     w = out if out is not None else torch.empty(c1 - c0, kt * 16, device=trellis.device, dtype=dtype)
     assert w.shape == (c1 - c0, kt * 16) and w.is_contiguous()
     assert trellis.stride(2) == 1 and trellis.stride(1) == depth, "trellis tiles must be contiguous"
-    key = trellis.device
-    if key not in _H_PM1:
-        _H_PM1[key] = (fmt.hadamard_matrix(128, torch.float32, key) * 128**0.5).round().to(torch.float16)
     use_asm = trellis.device.type == "cuda" if use_asm is None else use_asm
     grid = (kt // 8, (c1 - c0) // 128)
-    _effective_kernel[grid](trellis.view(torch.int32), suh, svh, _H_PM1[key], w, trellis.stride(0) // depth,
-                            kt * 16, c0, K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook],
-                            DOT=transform == "dot", USE_ASM=use_asm, num_warps=8)
+    h_pm1 = hadamard_128(trellis.device, unit=False)
+    _effective_kernel[grid](trellis.view(torch.int32), suh, svh, h_pm1, w, trellis.stride(0) // depth, kt * 16, c0,
+                            K=depth // 16, CODEBOOK=CODEBOOK_IDS[codebook], DOT=transform == "dot",
+                            USE_ASM=use_asm, num_warps=8)
     return w

@@ -84,11 +84,11 @@ def exl3_matmul(x: torch.Tensor, layer: EXL3Linear,
     already computed by x's producer (EXL3Linear.input_rotation)."""
     if not float(layer.bits).is_integer():
         return layer._forward_ref(x)
-    m = x.shape[0]
-    if m > small_m_limit(x.device) and uses_effective(layer, x.dtype):
+    small = x.shape[0] <= small_m_limit(x.device)
+    if not small and uses_effective(layer, x.dtype):
         return exl3_gemm_effective(x, layer)  # x as it is: a rotation handed over goes unused
     x_h, x_sums = had_in(x.contiguous(), layer.suh) if rotated is None else rotated
-    if m <= small_m_limit(x.device):
+    if small:
         return gemv_small(x_h, x_sums, layer.trellis, layer.svh, layer.bias, layer.codebook, layer.out_features,
                           x.dtype)
     return exl3_gemm_dequant(x_h, layer, x.dtype)
@@ -102,63 +102,53 @@ def uses_effective(layer: EXL3Linear, dtype: torch.dtype) -> bool:
 
 def exl3_gemm_effective(x: torch.Tensor, layer: EXL3Linear, transform: str = "dot",
                         overlap: int | None = None) -> torch.Tensor:
-    """Large batches: y = x @ W + bias with W decoded whole (exl3_decode.dequantize_effective) column chunk by
-    chunk into a scratch in x's dtype; cuBLAS reads x directly (W's padding rows dropped, x not padded).
-    overlap (default EFFECTIVE_OVERLAP): that many chunks, decoded on a side stream ahead of the products."""
+    """Large batches: y = x @ W + bias with W decoded whole (exl3_decode.dequantize_effective) into a scratch
+    in x's dtype; cuBLAS reads x directly (W's padding rows dropped, x not padded). In column chunks where W
+    exceeds SCRATCH_ELEMS, or (overlap, default EFFECTIVE_OVERLAP) in that many chunks decoded on a side
+    stream ahead of the products."""
     overlap = EFFECTIVE_OVERLAP if overlap is None else overlap
-    if overlap > 1 and layer.n_pad >= 256:
-        return _effective_overlapped(x, layer, transform, overlap)
-    m, k = x.shape
-    n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
-    bias = layer.bias.to(x.dtype) if layer.bias is not None else None
-    chunk = max(128, min(n_pad, SCRATCH_ELEMS // k_pad // 128 * 128))
-    scratch = torch.empty(k_pad * chunk, device=x.device, dtype=x.dtype)
-    if chunk >= n_pad:  # one chunk (every Llama-8B linear but the head): one cuBLAS call with the bias
+    n, k, k_pad, n_pad = layer.out_features, layer.in_features, layer.k_pad, layer.n_pad
+    if overlap <= 1 and n_pad * k_pad <= SCRATCH_ELEMS:  # every Llama-8B linear but the head: one product
         w_t = dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, transform=transform,
-                                   out=scratch.view(n_pad, k_pad))
-        return F.linear(x, w_t[:n, :k], bias)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    for c0 in range(0, n_pad, chunk):
-        c1 = min(n_pad, c0 + chunk)
-        w_t = dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, cols=(c0, c1),
-                                   transform=transform, out=scratch[: k_pad * (c1 - c0)].view(c1 - c0, k_pad))
-        cols = min(c1, n) - c0  # the last chunk may hold padding columns
-        y[:, c0 : c0 + cols] = F.linear(x, w_t[:cols, :k], bias[c0 : c0 + cols] if bias is not None else None)
-    return y
+                                   dtype=x.dtype)
+        return F.linear(x, w_t[:n, :k], layer.bias.to(x.dtype) if layer.bias is not None else None)
+    return _effective_chunks(x, layer, transform, max(overlap, 1), side=overlap > 1)
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _effective_overlapped(x: torch.Tensor, layer: EXL3Linear, transform: str, chunks: int) -> torch.Tensor:
-    """exl3_gemm_effective in `chunks` column chunks through two scratch buffers: the side stream decodes chunk
-    i + 1 while the current stream multiplies chunk i (events order each buffer's reuse)."""
-    m, k = x.shape
-    n, k_pad, n_pad = layer.out_features, layer.k_pad, layer.n_pad
+def _effective_chunks(x: torch.Tensor, layer: EXL3Linear, transform: str, chunks: int, side: bool) -> torch.Tensor:
+    """exl3_gemm_effective in (at least) `chunks` column chunks through two scratch buffers within SCRATCH_ELEMS.
+    side: the side stream decodes chunk i + 1 while the current stream multiplies chunk i (events order each
+    buffer's reuse); else both on the current stream."""
+    m = x.shape[0]
+    n, k, k_pad, n_pad = layer.out_features, layer.in_features, layer.k_pad, layer.n_pad
     step = -(-n_pad // chunks // 128) * 128  # n_pad / chunks rounded up to whole 128-column blocks
-    step = max(128, min(step, SCRATCH_ELEMS // 2 // k_pad // 128 * 128))  # two buffers within SCRATCH_ELEMS
+    step = max(128, min(step, SCRATCH_ELEMS // 2 // k_pad // 128 * 128))
     main = torch.cuda.current_stream(x.device)
-    side = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device))
+    decoder = _SIDE_STREAMS.setdefault(x.device, torch.cuda.Stream(x.device)) if side else main
     bufs = [torch.empty(step, k_pad, device=x.device, dtype=x.dtype) for _ in range(2)]
-    side.wait_stream(main)  # the buffers' memory may have had earlier users on this stream
+    decoder.wait_stream(main)  # the buffers' memory may have had earlier users on this stream
     freed: list[torch.cuda.Event | None] = [None, None]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     for i, c0 in enumerate(range(0, n_pad, step)):
         c1, buf = min(n_pad, c0 + step), bufs[i % 2]
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(decoder):
             if freed[i % 2] is not None:
-                side.wait_event(freed[i % 2])  # the product that read this buffer two chunks ago is done
+                decoder.wait_event(freed[i % 2])  # the product that read this buffer two chunks ago is done
             dequantize_effective(layer.trellis, layer.codebook, layer.suh, layer.svh, cols=(c0, c1),
                                  transform=transform, out=buf[: c1 - c0])
             ready = torch.cuda.Event()
-            ready.record(side)
+            ready.record(decoder)
         main.wait_event(ready)
-        cols = min(c1, n) - c0
+        cols = min(c1, n) - c0  # the last chunk may hold padding columns
         torch.mm(x, buf[:cols, :k].t(), out=y[:, c0 : c0 + cols])
         freed[i % 2] = torch.cuda.Event()
         freed[i % 2].record(main)
-    for buf in bufs:
-        buf.record_stream(side)  # not reused before the side stream's work on it is done
+    if side:
+        for buf in bufs:
+            buf.record_stream(decoder)  # not reused before the side stream's work on it is done
     if layer.bias is not None:
         y += layer.bias
     return y

@@ -21,7 +21,7 @@ import triton.language as tl
 from trellm.kernels import grid_release, pdl_on
 from trellm.quant.exl3_format import had128, hadamard_matrix
 
-_H_CACHE: dict[torch.device, torch.Tensor] = {}
+_H_CACHE: dict[tuple[torch.device, bool], torch.Tensor] = {}
 # had_in's form: "dot" (x ⊙ suh rounded to fp16, one tensor-core product with H per [16, 128] block) or
 # "fwht" (butterflies in fp32, blocks of min(16, m) rows). For A/B timing; dot is the one timed so far.
 HAD_IN = os.environ.get("TRELLM_HAD_IN", "dot")
@@ -29,12 +29,14 @@ if HAD_IN not in ("dot", "fwht"):
     raise ValueError(f"TRELLM_HAD_IN={HAD_IN!r}: expected dot or fwht")
 
 
-def hadamard_128(device: torch.device) -> torch.Tensor:
-    """The orthonormal 128-point Sylvester matrix in fp16 (had_in's tensor-core operand), one per device."""
-    key = torch.device(device)
+def hadamard_128(device: torch.device, unit: bool = True) -> torch.Tensor:
+    """The 128-point Sylvester matrix in fp16 (a tensor-core operand), one per device: orthonormal (had_in's),
+    or with unit = False its ±1 entries, exact in fp16 (the effective-weight decoder's, which scales once)."""
+    key = (torch.device(device), unit)
     h = _H_CACHE.get(key)
     if h is None:
-        h = _H_CACHE[key] = hadamard_matrix(128, torch.float16, device).contiguous()
+        h = hadamard_matrix(128, torch.float16 if unit else torch.float32, device)
+        h = _H_CACHE[key] = (h if unit else (h * 128**0.5).round().to(torch.float16)).contiguous()
     return h
 
 

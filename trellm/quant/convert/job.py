@@ -446,10 +446,8 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             linears = _layer_linears(layer)
             hessians: dict[str, _Hessian] = {}
             hooks: dict[str, Callable] = {}
-            shared: dict[str, str] = {}  # linear name -> the input it reads (q/k/v share one, gate/up another)
-            for lin in linears:
+            for lin in linears:  # q/k/v read one input, gate/up another: one Hessian each
                 key = input_key(lin.name)
-                shared[lin.name] = key
                 if key not in hessians:
                     hessians[key] = _Hessian(lin.in_features, dev)
                     hooks[lin.name] = hessians[key].add
@@ -459,7 +457,7 @@ def convert(args: ConvertArgs, *, resume: bool = False, force: bool = False, dev
             t1 = time.perf_counter()
             tensors: dict[str, torch.Tensor] = {}
             proxies = {}
-            jobs = [LinearJob(lin.impl.dense_weight(), hessians[shared[lin.name]].mean(), bits[lin.name],
+            jobs = [LinearJob(lin.impl.dense_weight(), hessians[input_key(lin.name)].mean(), bits[lin.name],
                               _seed(args.seed, idx, j)) for j, lin in enumerate(linears)]
             quantized = quantize_linears(jobs, codebook=args.codebook, channel_scales=args.channel_scales)
             for lin, q in zip(linears, quantized):
